@@ -3,8 +3,8 @@
 ``agents/train.py`` composes the YAML tree with Hydra and hands :func:`build_run_config` a plain
 dict; everything after that sees only the dataclasses below (and the ones beside their code:
 ``holderpo.loss.LossConfig``, ``holderpo.schedule.PSchedule``, ``protocols.ProtocolConfig``,
-``agents.learner.LearnerConfig``, ``agents.rollout.RolloutConfig``). A bad value fails here, before
-any work, with a message naming the key and the fix.
+``agents.training.learner.LearnerConfig``, ``agents.rollout.manager.RolloutConfig``). A bad value
+fails here, before any work, with a message naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from agents.curriculum import CurriculumConfig
-from agents.env_pool import DEFAULT_STEP_TIMEOUT_S
-from agents.learner import LearnerConfig
-from agents.lora import LoraSettings
-from agents.policy import BACKENDS, VLLMSettings
+from agents.generation.policy import BACKENDS, VLLMSettings
+from agents.rollout.curriculum import CurriculumConfig
+from agents.rollout.env_pool import DEFAULT_STEP_TIMEOUT_S
+from agents.training.learner import LearnerConfig
+from agents.training.lora import LoraSettings
 from holderpo.loss import PRESETS, LossConfig
 from holderpo.schedule import PSchedule
 from protocols import ProtocolConfig
@@ -104,7 +104,8 @@ class RolloutSection:
     constrained: bool = False
     """Decode only admissible actions."""
     backend: str = "hf"
-    """Generator backend (``agents.policy.BACKENDS``): ``hf`` generates with the training model
+    """Generator backend (``agents.generation.policy.BACKENDS``): ``hf`` generates with the
+    training model
     itself; ``vllm`` runs a vLLM engine beside it (the ``vllm`` extra) whose weights are synced
     after every update."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
@@ -246,7 +247,7 @@ def build_run_config(tree: Mapping[str, Any]) -> RunConfig:
 
     Every value is type- and range-checked here, and so are the rules across sections
     (:func:`check_across`); what needs the env or the model is checked by
-    :func:`agents.preflight.preflight` before any work.
+    :func:`agents.run.preflight.preflight` before any work.
     """
     trainer = dict(tree.get("trainer", {}))
     learner_part = {k: trainer.pop(k) for k in list(trainer) if k in _LEARNER_KEYS}

@@ -24,14 +24,8 @@ from typing import Any, Protocol
 import hydra
 from omegaconf import DictConfig
 
-from agents import checkpoint
-from agents.cli import register_env_configs, to_container
 from agents.config import ConfigError, RunConfig, build_run_config
-from agents.curriculum import Stage, parse_stage, stage_name, stage_options
-from agents.distributed import load_model_weights
-from agents.env_pool import EnvFactory, EnvPool
-from agents.preflight import check_env, check_model, cli_errors
-from agents.report import (
+from agents.evaluation.report import (
     ALFWORLD_SUBTASKS,
     EpisodeResult,
     Report,
@@ -41,8 +35,14 @@ from agents.report import (
     summarise,
     write_report,
 )
-from agents.rollout import RolloutManager
-from agents.runtime import Runtime, build_runtime, make_pool
+from agents.rollout.curriculum import Stage, parse_stage, stage_name, stage_options
+from agents.rollout.env_pool import EnvFactory, EnvPool
+from agents.rollout.manager import RolloutManager
+from agents.run.cli import register_env_configs, to_container
+from agents.run.preflight import check_env, check_model, cli_errors
+from agents.run.runtime import Runtime, build_runtime, make_pool
+from agents.training import checkpoint
+from agents.training.distributed import load_model_weights
 from agents.types import Trajectory
 from envs.base import InfoKeys
 

@@ -1,6 +1,7 @@
 """Train a policy: ``python -m agents.train env=alfworld`` (Hydra overrides, ``configs/``).
 
-One iteration: collect rollouts (:mod:`agents.rollout`) -> advantages (the configured protocol) ->
+One iteration: collect rollouts (:mod:`agents.rollout.manager`) -> advantages (the configured
+protocol) ->
 :func:`~agents.types.collate` -> :meth:`Learner.update` with p from the schedule -> the generator's
 weights synced (``policy.sync``) -> metrics, checkpoint, and every ``trainer.eval_every``
 iterations a per-subtask evaluation report.
@@ -22,22 +23,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from agents import checkpoint, curriculum
-from agents.cli import register_env_configs, to_container
 from agents.config import RunConfig, build_run_config
-from agents.curriculum import TaskSampler, rollout_seed
-from agents.distributed import (
+from agents.evaluate import evaluate_stages, finish_reports
+from agents.rollout import curriculum
+from agents.rollout.curriculum import TaskSampler, rollout_seed
+from agents.run.cli import register_env_configs, to_container
+from agents.run.metrics import MetricsWriter
+from agents.run.preflight import cli_errors, preflight
+from agents.run.runtime import Runtime, build_runtime, local_groups, seed_everything
+from agents.training import checkpoint
+from agents.training.distributed import (
     all_reduce_metrics,
     barrier,
     close_distributed,
     resume_checkpoint,
     save_checkpoint,
 )
-from agents.evaluate import evaluate_stages, finish_reports
-from agents.learner import Learner
-from agents.metrics import MetricsWriter
-from agents.preflight import cli_errors, preflight
-from agents.runtime import Runtime, build_runtime, local_groups, seed_everything
+from agents.training.learner import Learner
 from agents.types import Batch, collate
 from protocols import StepSamples, compute_advantages
 

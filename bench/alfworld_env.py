@@ -26,12 +26,12 @@ from pathlib import Path
 
 import psutil
 
-from envs.alfworld import SUBTASKS, AlfWorldEnv, find_games
-from envs.alfworld_engine import CACHE_ENV, GameCache
+from envs.alfworld.engine import CACHE_ENV, GameCache
+from envs.alfworld.env import SUBTASKS, AlfWorldEnv, find_games
 
 COLD_PROCESS = """
 import json, sys, time
-from envs.alfworld import SHARED_CACHE, AlfWorldEnv
+from envs.alfworld.env import SHARED_CACHE, AlfWorldEnv
 env = AlfWorldEnv(split="valid_unseen")
 times = []
 for game in sys.argv[1:]:

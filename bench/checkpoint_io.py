@@ -8,9 +8,10 @@ into a temporary folder and the median is reported:
   state dict into ``model.pt`` and of the learner state, run state and RNG states into
   ``trainer.pt``, no manifest (the NumPy RNG state, 2.5 KB, is left out so that the baseline
   reads back with ``torch.load``'s weights-only default, as the earlier reader did not);
-* ``safetensors``: :func:`agents.checkpoint.save` (``model.safetensors`` with only the trainable
+* ``safetensors``: :func:`agents.training.checkpoint.save` (``model.safetensors`` with only the
+  trainable
   weights under LoRA, a weights-only ``trainer.pt``, a sha256 manifest, fsync and rename), and
-  its :func:`agents.checkpoint.load` (verification included).
+  its :func:`agents.training.checkpoint.load` (verification included).
 
 It also prints the bytes the default run (``trainer.iterations=3``) writes: the earlier default
 saved after every iteration, the current one (``trainer.save_every=5``) after the last only.
@@ -33,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from agents import checkpoint
 from agents.config import TrainerSection
-from agents.learner import Learner, LearnerConfig
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
 from agents.train import _due
+from agents.training import checkpoint
+from agents.training.learner import Learner, LearnerConfig
 from agents.types import Step, collate
 from holderpo.loss import PRESETS
 
@@ -46,7 +47,7 @@ def stepped_learner(model_name: str, lora_r: int) -> Learner:
     """The learner after one real update on a small random batch (AdamW moments filled)."""
     model, _ = load_policy_model(model_name, device="cpu")
     if lora_r:
-        from agents.lora import LoraSettings, apply_lora
+        from agents.training.lora import LoraSettings, apply_lora
 
         model = apply_lora(model, LoraSettings(r=lora_r, alpha=2.0 * lora_r))
     learner = Learner(model, PRESETS["grpo"], LearnerConfig(mini_batch_size=2, micro_batch_size=2))
@@ -87,7 +88,7 @@ def save_pickle(run_dir: Path, learner: Learner, state: checkpoint.TrainingState
 
 
 def save_current(run_dir: Path, learner: Learner, state: checkpoint.TrainingState) -> Path:
-    """The current format: :func:`agents.checkpoint.save`."""
+    """The current format: :func:`agents.training.checkpoint.save`."""
     return checkpoint.save(
         run_dir, model=learner.model, learner_state=learner.state_dict(), state=state, keep=1
     )

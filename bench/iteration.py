@@ -58,11 +58,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One iteration and its checkpoint in this process; returns phase seconds and peak RSS."""
     from hydra import compose, initialize_config_module
 
-    from agents import checkpoint
-    from agents.cli import to_container
     from agents.config import build_run_config
-    from agents.runtime import build_runtime
+    from agents.run.cli import to_container
+    from agents.run.runtime import build_runtime
     from agents.train import run_iteration
+    from agents.training import checkpoint
 
     overrides = [*CONFIGS[args.config], *(TODAY if args.path == "today" else [])]
     overrides += [f"run_dir={args.run_dir}", *args.override]

@@ -1,7 +1,8 @@
 """Memory and time of the learner's token log-probs at a real vocabulary: chunked against unchunked.
 
 A small random Llama (``--hidden`` 256, ``--layers`` 2) with Qwen2.5's vocabulary of 151,936 runs
-``agents.learner.token_logprobs`` forward + backward on ``--rows`` rows of ``--prompt`` prompt and
+``agents.training.learner.token_logprobs`` forward + backward on ``--rows`` rows of ``--prompt``
+prompt and
 ``--response`` response tokens, once unchunked (``chunk_tokens=0``, the baseline: logits and their
 log-softmax [N, K, V] held for the backward) and once chunked (``--chunk-tokens``, default the
 learner's). Two loss masks:
@@ -109,7 +110,7 @@ class _RssPeak:
 
 def _step(model: torch.nn.Module, batch: Any, chunk: int, entropy: bool) -> None:
     """One forward + backward of a loss over the token log-probs (and entropies)."""
-    from agents.learner import token_logprobs
+    from agents.training.learner import token_logprobs
 
     model.zero_grad(set_to_none=True)
     logp, ent = token_logprobs(
@@ -169,7 +170,7 @@ def _worker(rank: int, args: argparse.Namespace, mask: str, chunk: int, out: dic
 
 
 def main() -> None:
-    from agents.learner import LOGPROB_CHUNK_TOKENS
+    from agents.training.learner import LOGPROB_CHUNK_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=4)

@@ -53,15 +53,15 @@ def _worker(rank: int, world: int, port: int, model_name: str, rows: int, length
     torch.set_num_threads(1)
     import psutil
 
-    from agents.distributed import (
+    from agents.generation.models import load_policy_model
+    from agents.training.distributed import (
         DistributedLearner,
         close_distributed,
         init_local_process,
         shard_batch,
         shard_model,
     )
-    from agents.learner import LearnerConfig
-    from agents.models import load_policy_model
+    from agents.training.learner import LearnerConfig
     from agents.types import Batch
     from holderpo.loss import PRESETS
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from agents.learner import Learner, LearnerConfig, token_logprobs
-from agents.models import enable_gradient_checkpointing, load_policy_model, tiny_corpus
-from agents.policy import HFPolicy
+from agents.generation.models import enable_gradient_checkpointing, load_policy_model, tiny_corpus
+from agents.generation.policy import HFPolicy
+from agents.training.learner import Learner, LearnerConfig, token_logprobs
 from agents.types import Batch, SamplingParams
 from holderpo.loss import PRESETS
 

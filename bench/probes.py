@@ -6,7 +6,8 @@ subprocesses (no mocks):
 * ``fuzz``: ``--fuzz`` seeded model-like outputs (the fragments of ``tests/reliability/
   test_fuzz.py``, arbitrary unicode, admissible actions wrapped in tags, now and then a huge run)
   go through the parser into real steps: ALFWorld (``embedded_train``, the action sent as
-  ``agents/rollout.py`` sends it) and math (``embedded``, both templates, the real verifier). A
+  ``agents/rollout/manager.py`` sends it) and math (``embedded``, both templates, the real
+  verifier). A
   validity flag is wrong when it differs from an independent reading of the text (the env's flag:
   the command sent is admissible; the step's flag: the last complete action tag names an
   admissible command), and a math step is wrong when the reference answer appended to the text
@@ -23,8 +24,8 @@ subprocesses (no mocks):
   trainer-state pickle that writes a marker file must never run (resume, evaluation weights, and
   the train and evaluate CLIs).
 * ``games``: every ALFWorld game of the shared data (874) replays to a win through the expert
-  under the safe grammar evaluator (``python -m envs.alfworld prepare split=...`` first fills the
-  disk cache).
+  under the safe grammar evaluator (``python -m envs.alfworld.env prepare split=...`` first fills
+  the disk cache).
 
 Each case ends in one outcome: as expected, crash, hang (no answer within the probe's bound),
 late or unclear (config only), or wrong; the summary counts them per probe and the details
@@ -57,9 +58,9 @@ from typing import Any, Final, cast
 
 import envs
 from envs.base import InfoKeys
-from envs.math import MathEnv
+from envs.math.env import MathEnv
+from envs.math.verify import Verifier
 from envs.parsing import extract_answer_tag, extract_boxed, parse_action
-from envs.verify import Verifier
 from tests.conftest import SHARED_DATA
 from tests.envs.test_alfworld_safety import _all_games, replay_to_win
 from tests.envs.test_math_verify import HOSTILE
@@ -282,7 +283,7 @@ def _alfworld_case(
 ) -> tuple[str, str]:
     """One step with ``text``; the env's and the step's validity flags checked independently."""
     parsed = parse_action(text, admissible, require_think=think)
-    sent = parsed.action if parsed.action else text  # what agents/rollout.py sends
+    sent = parsed.action if parsed.action else text  # what agents/rollout/manager.py sends
     out = ep.env.step(sent)
     ep.info, ep.done = out[4], out[2] or out[3]
     problem = _schema_problem(out)
@@ -291,7 +292,9 @@ def _alfworld_case(
     env_valid = bool(out[4][InfoKeys.ACTION_VALID])
     if env_valid != (sent.strip() in admissible):
         return WRONG, f"env action_valid={env_valid} for the command {_short(sent)}"
-    step_valid = parsed.valid and env_valid  # the rollout's flag (agents/rollout.py _record)
+    step_valid = (
+        parsed.valid and env_valid
+    )  # the rollout's flag (agents/rollout/manager.py _record)
     if step_valid != expected_valid(text, admissible, think):
         return WRONG, f"step action_valid={step_valid} (think={think}) for {_short(text)}"
     seen["ALFWorld steps flagged valid"] += step_valid
@@ -586,7 +589,7 @@ def _config_case(
 
 def probe_config(args: argparse.Namespace) -> ProbeResult:
     """Each bad override through ``python -m agents.train`` (tiny model, its own run folder)."""
-    from agents.models import resolve_model
+    from agents.generation.models import resolve_model
 
     start = time.perf_counter()
     table = bad_overrides()
@@ -637,7 +640,7 @@ def probe_config(args: argparse.Namespace) -> ProbeResult:
 
 
 class _Warnings(logging.Handler):
-    """Collects the warnings of ``agents.checkpoint``."""
+    """Collects the warnings of ``agents.training.checkpoint``."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -650,7 +653,7 @@ class _Warnings(logging.Handler):
 @contextlib.contextmanager
 def _checkpoint_warnings() -> Iterator[list[str]]:
     handler = _Warnings()
-    logger = logging.getLogger("agents.checkpoint")
+    logger = logging.getLogger("agents.training.checkpoint")
     logger.addHandler(handler)
     try:
         yield handler.messages
@@ -669,7 +672,7 @@ def _fallback_case(
     with ``damage(folder, layout)``; resume must take ckpt-000002 and warn with ``reason``."""
     import torch
 
-    from agents.distributed import resume_checkpoint
+    from agents.training.distributed import resume_checkpoint
 
     layout, folder, weights = run
 
@@ -699,8 +702,8 @@ def _crafted(marker: Path) -> Callable[[Path, str], object]:
 
 def _evaluation_weights_case(run: Path, cache: Path, marker: Path) -> tuple[str, str]:
     """Evaluation loads the weights of a checkpoint whose trainer state is crafted."""
-    from agents.distributed import load_model_weights
-    from agents.models import load_policy_model
+    from agents.generation.models import load_policy_model
+    from agents.training.distributed import load_model_weights
 
     with tempfile.TemporaryDirectory(prefix="probe-ckpt-") as tmp:
         copy = Path(tmp) / "run"
@@ -753,7 +756,7 @@ def _cli_cases(cache: Path, root: Path, tally: Tally, rows: list[str]) -> None:
 
 def probe_checkpoint(args: argparse.Namespace) -> ProbeResult:
     """Each damage and the crafted pickle, on both layouts; then the CLIs."""
-    from agents.models import load_policy_model
+    from agents.generation.models import load_policy_model
 
     start = time.perf_counter()
     tally = Tally("checkpoint")
@@ -840,8 +843,8 @@ GAMES_PER_UPDATE: Final = 25
 
 def probe_games(args: argparse.Namespace) -> ProbeResult:
     """Replay every (or a sample of ``--games``) real game through the expert."""
-    from envs.alfworld import AlfWorldEnv
-    from envs.alfworld_engine import GameCache, default_cache_dir
+    from envs.alfworld.engine import GameCache, default_cache_dir
+    from envs.alfworld.env import AlfWorldEnv
 
     start = time.perf_counter()
     root = Path(args.data) / "alfworld"

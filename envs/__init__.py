@@ -2,7 +2,7 @@
 
 from envs.registry import make, register, registered
 
-register("alfworld", "envs.alfworld:AlfWorldEnv")
-register("math", "envs.math:MathEnv")
+register("alfworld", "envs.alfworld.env:AlfWorldEnv")
+register("math", "envs.math.env:MathEnv")
 
 __all__ = ["make", "register", "registered"]

@@ -2,7 +2,7 @@
 
 An environment is a standard :class:`gymnasium.Env` whose observations and actions are strings.
 It knows nothing of models: prompts, history windows and parsing of model output live elsewhere
-(``agents/rollout.py``, ``envs/parsing.py``).
+(``agents/rollout/manager.py``, ``envs/parsing.py``).
 
 Info schema (every ``reset`` and ``step`` returns these keys; see :class:`InfoKeys`):
 

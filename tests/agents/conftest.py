@@ -13,7 +13,7 @@ import pytest
 def ray_session() -> Iterator[None]:
     """A quiet local Ray session on 2 CPUs, started once (~5 s) and shut down at the end."""
     ray = pytest.importorskip("ray")
-    from agents.env_pool import init_ray
+    from agents.rollout.env_pool import init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = not ray.is_initialized()

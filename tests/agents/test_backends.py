@@ -19,12 +19,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import ConfigError, RunConfig, build_run_config
-from agents.distributed import close_distributed, init_local_process, shard_model
-from agents.lora import LoraSettings, apply_lora, merged_state_dict
-from agents.models import load_policy_model
-from agents.policy import BACKENDS, HFPolicy, VLLMSettings
-from agents.preflight import preflight
-from agents.runtime import build_runtime, weight_export
+from agents.generation.models import load_policy_model
+from agents.generation.policy import BACKENDS, HFPolicy, VLLMSettings
+from agents.run.preflight import preflight
+from agents.run.runtime import build_runtime, weight_export
+from agents.training.distributed import close_distributed, init_local_process, shard_model
+from agents.training.lora import LoraSettings, apply_lora, merged_state_dict
 from tests.conftest import REPO_ROOT
 
 LORA = LoraSettings(r=4, target_modules=("q_proj", "v_proj"))

@@ -14,11 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from agents import checkpoint
 from agents.config import ConfigError, TrainerSection
-from agents.distributed import DistContext, resume_checkpoint
-from agents.learner import Learner, LearnerConfig
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.training import checkpoint
+from agents.training.distributed import DistContext, resume_checkpoint
+from agents.training.learner import Learner, LearnerConfig
 from agents.types import Batch, Step, collate
 from holderpo.loss import PRESETS
 from tests.conftest import REPO_ROOT
@@ -154,7 +154,7 @@ def _vocab(learner: Learner) -> int:
 
 
 def _lora_learner(cache: Path) -> Learner:
-    from agents.lora import LoraSettings, apply_lora
+    from agents.training.lora import LoraSettings, apply_lora
 
     model, _ = load_policy_model("tiny", device="cpu", cache_dir=cache)
     model = apply_lora(model, LoraSettings(r=4, alpha=8.0))

@@ -1,4 +1,4 @@
-"""Task samplers and the reverse curriculum (agents/curriculum.py), table-tested.
+"""Task samplers and the reverse curriculum (agents/rollout/curriculum.py), table-tested.
 
 k advances exactly at the threshold, never past the plan (or the cap), and a sampler restored from
 its saved state plans what the uninterrupted one plans. The rollout shows the replayed expert
@@ -16,7 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import ConfigError, build_run_config
-from agents.curriculum import (
+from agents.evaluate import ExpertActor, run_episodes
+from agents.evaluation.report import EpisodeResult, stage_table, summarise
+from agents.rollout.curriculum import (
     FULL,
     SHARED_KEY,
     CurriculumConfig,
@@ -33,10 +35,14 @@ from agents.curriculum import (
     save_state,
     stage_name,
 )
-from agents.env_pool import EnvFactory, SerialEnvPool
-from agents.evaluate import ExpertActor, run_episodes
-from agents.report import EpisodeResult, stage_table, summarise
-from agents.rollout import RolloutConfig, RolloutManager, group_seed, load_template, read_task
+from agents.rollout.env_pool import EnvFactory, SerialEnvPool
+from agents.rollout.manager import (
+    RolloutConfig,
+    RolloutManager,
+    group_seed,
+    load_template,
+    read_task,
+)
 from agents.types import Step, Trajectory
 from envs.prefix import EXPERT_PLAN_LENGTH, EXPERT_REMAINING
 
@@ -378,8 +384,8 @@ class RecordingPolicy:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from agents.models import load_policy_model
-    from agents.policy import HFPolicy
+    from agents.generation.models import load_policy_model
+    from agents.generation.policy import HFPolicy
 
     model, tokenizer = load_policy_model("tiny")
     return HFPolicy(model, tokenizer, seed=0)

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from agents.checkpoint import TrainingState
-from agents.distributed import (
+from agents.generation.models import load_policy_model
+from agents.training.checkpoint import TrainingState
+from agents.training.distributed import (
     DistContext,
     DistributedLearner,
     all_reduce_metrics,
@@ -31,8 +32,7 @@ from agents.distributed import (
     shard_batch,
     shard_model,
 )
-from agents.learner import Learner, LearnerConfig
-from agents.models import load_policy_model
+from agents.training.learner import Learner, LearnerConfig
 from agents.types import Batch, Step, collate
 from holderpo.loss import PRESETS, LossConfig
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agents.env_pool import WORKER_FAILED, EnvFactory, RayEnvPool, SerialEnvPool, StepResult
+from agents.rollout.env_pool import WORKER_FAILED, EnvFactory, RayEnvPool, SerialEnvPool, StepResult
 from envs.base import check_info
 from tests.agents.toy_env import MazeEnv, solve
 

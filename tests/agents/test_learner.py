@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from agents.learner import Learner, LearnerConfig, token_logprobs
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.training.learner import Learner, LearnerConfig, token_logprobs
 from agents.types import Step, collate
 from holderpo.loss import PRESETS
 
@@ -233,7 +233,7 @@ def test_several_updates_recompute_and_generator_source_uses_the_given_logprobs(
 
 
 def test_temperature_scaled_logprobs_match_the_generator(tiny) -> None:
-    from agents.policy import HFPolicy
+    from agents.generation.policy import HFPolicy
     from agents.types import SamplingParams
 
     model, tokenizer = tiny

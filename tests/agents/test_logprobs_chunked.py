@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.learner import LearnerConfig, token_logprobs
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.training.learner import LearnerConfig, token_logprobs
 from agents.types import Batch, Step, collate
 
 TEMPERATURE = 0.7
@@ -218,7 +218,7 @@ def test_qwen2_chunked_equals_unchunked() -> None:
 
 def test_lora_chunked_equals_unchunked(tiny) -> None:
     pytest.importorskip("peft")
-    from agents.lora import LoraSettings, adapter_disabled_logprobs, apply_lora
+    from agents.training.lora import LoraSettings, adapter_disabled_logprobs, apply_lora
 
     model, tokenizer = tiny
     lora = apply_lora(copy.deepcopy(model).double(), LoraSettings(r=4, alpha=8.0))
@@ -265,7 +265,7 @@ def test_a_model_that_changes_the_head_output_falls_back_to_unchunked(tiny) -> N
 
 
 def test_the_learner_passes_its_chunk_size_and_gets_the_same_update(tiny) -> None:
-    from agents.learner import Learner
+    from agents.training.learner import Learner
     from holderpo.loss import PRESETS
 
     model, tokenizer = tiny
@@ -303,7 +303,7 @@ def test_negative_chunk_size_names_the_key() -> None:
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_written_out_softmax_gradient_passes_gradcheck(with_entropy: bool, temperature: float):
-    from agents.learner import _TokenLogprobEntropy
+    from agents.training.learner import _TokenLogprobEntropy
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(5, 11, generator=g, dtype=torch.float64)).requires_grad_()

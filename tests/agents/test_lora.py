@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.learner import Learner, LearnerConfig, token_logprobs
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.training.learner import Learner, LearnerConfig, token_logprobs
 from agents.types import Batch, Step, collate
 from holderpo.loss import PRESETS
 
 pytest.importorskip("peft")
 
-from agents.lora import (  # noqa: E402 - after the skip guard
+from agents.training.lora import (  # noqa: E402 - after the skip guard
     LoraSettings,
     adapter_disabled_logprobs,
     apply_lora,

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents import models
-from agents.models import (
+from agents.generation import models
+from agents.generation.models import (
     BUILTIN_MODELS,
     SMOLLM2_INSTALL,
     TINY_SPECIAL_TOKENS,
@@ -26,7 +26,7 @@ from agents.models import (
     load_policy_model,
     resolve_model,
 )
-from agents.policy import HFPolicy
+from agents.generation.policy import HFPolicy
 from agents.types import SamplingParams
 
 

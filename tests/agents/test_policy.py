@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.models import load_policy_model
-from agents.policy import HFPolicy, Policy, TokenTrie, VLLMPolicy, render_chat, sample_next
+from agents.generation.models import load_policy_model
+from agents.generation.policy import (
+    HFPolicy,
+    Policy,
+    TokenTrie,
+    VLLMPolicy,
+    render_chat,
+    sample_next,
+)
 from agents.types import SamplingParams
 
 PROMPTS = [
@@ -363,7 +370,7 @@ def test_prefill_runs_each_distinct_prompt_once_through_the_last_position(tiny) 
 
 
 def test_reserved_cache_is_filled_in_place(tiny) -> None:
-    from agents.policy import _new_cache
+    from agents.generation.policy import _new_cache
 
     model, _ = tiny
     cache = _new_cache(model, 8, reserve=True)
@@ -400,7 +407,7 @@ def test_autocast_dtype_runs_generation_under_autocast(tiny) -> None:
 
 
 def test_generation_with_gradient_checkpointing_keeps_the_cache(tiny) -> None:
-    from agents.models import enable_gradient_checkpointing
+    from agents.generation.models import enable_gradient_checkpointing
 
     model, tokenizer = tiny
     params = SamplingParams(greedy=True, max_new_tokens=8)

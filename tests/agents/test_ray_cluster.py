@@ -26,7 +26,7 @@ def cluster_body() -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from agents.env_pool import EnvFactory, RayEnvPool, init_ray
+    from agents.rollout.env_pool import EnvFactory, RayEnvPool, init_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from agents.report import (
+from agents.evaluation.report import (
     ALFWORLD_SUBTASKS,
     EpisodeResult,
     load_report,

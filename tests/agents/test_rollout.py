@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from agents.env_pool import WORKER_FAILED, EnvFactory, RayEnvPool, SerialEnvPool
-from agents.rollout import (
+from agents.rollout.env_pool import WORKER_FAILED, EnvFactory, RayEnvPool, SerialEnvPool
+from agents.rollout.manager import (
     TRUNCATION_MARK,
     PromptState,
     PromptTemplate,
@@ -154,8 +154,8 @@ def test_group_seeds_differ_and_repeat():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from agents.models import load_policy_model
-    from agents.policy import HFPolicy
+    from agents.generation.models import load_policy_model
+    from agents.generation.policy import HFPolicy
 
     model, tokenizer = load_policy_model("tiny")
     return HFPolicy(model, tokenizer, seed=0)
@@ -262,7 +262,7 @@ def test_rollout_alfworld_through_ray_pool(tiny, ray_session, games, request):
 
 
 def test_prompts_fit_a_small_context(tiny):
-    from agents.policy import HFPolicy
+    from agents.generation.policy import HFPolicy
 
     small = HFPolicy(tiny.model, tiny.tokenizer, max_context=200, seed=0)
     config = RolloutConfig(load_template("alfworld"), **SMALL, history_window=None)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.models import TinyConfig, build_tiny, load_policy_model
-from agents.policy import HFPolicy, Policy, VLLMPolicy
+from agents.generation.models import TinyConfig, build_tiny, load_policy_model
+from agents.generation.policy import HFPolicy, Policy, VLLMPolicy
 from agents.types import SamplingParams
 
 pytestmark = [

@@ -25,10 +25,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import build_run_config
-from agents.metrics import read_metrics
-from agents.models import TinyConfig, build_tiny
-from agents.preflight import preflight
-from agents.runtime import build_runtime
+from agents.generation.models import TinyConfig, build_tiny
+from agents.run.metrics import read_metrics
+from agents.run.preflight import preflight
+from agents.run.runtime import build_runtime
 from agents.train import run_iteration
 from agents.types import collate
 from protocols import StepSamples, compute_advantages

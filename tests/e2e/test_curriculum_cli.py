@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.metrics import read_metrics
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.run.metrics import read_metrics
 from tests.conftest import REPO_ROOT
 from tests.e2e.test_train_cli import ENTROPY, TINY, _comparable, _env, _run
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agents.metrics import read_metrics
+from agents.run.metrics import read_metrics
 from tests.conftest import REPO_ROOT
 from tests.e2e.test_train_cli import ENTROPY, TINY, _env, _run, cache  # noqa: F401 - fixture
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agents.metrics import read_metrics
-from agents.models import load_policy_model
+from agents.generation.models import load_policy_model
+from agents.run.metrics import read_metrics
 from tests.conftest import REPO_ROOT
 from tests.envs.plugin_fixture import write_plugin
 

@@ -17,7 +17,9 @@ from gymnasium.utils.env_checker import check_env
 from textworld.envs.pddl import PddlEnv
 
 import envs
-from envs.alfworld import (
+from envs.alfworld.embedded import build, draw_rooms, folder_name, game_text
+from envs.alfworld.engine import Engine, GameCache, memento_cache_size
+from envs.alfworld.env import (
     EMBEDDED_HELDOUT,
     EMBEDDED_SPLITS,
     EMBEDDED_TRAIN,
@@ -29,8 +31,6 @@ from envs.alfworld import (
     split_dir,
     subtask_of,
 )
-from envs.alfworld_embedded import build, draw_rooms, folder_name, game_text
-from envs.alfworld_engine import Engine, GameCache, memento_cache_size
 from envs.base import check_info
 
 

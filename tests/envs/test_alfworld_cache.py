@@ -1,5 +1,6 @@
 """The ALFWorld engine's disk cache: hits skip compilation (in new processes too), bad entries are
-rebuilt, concurrent writers leave a valid entry, ``python -m envs.alfworld prepare`` fills it."""
+rebuilt, concurrent writers leave a valid entry, ``python -m envs.alfworld.env prepare`` fills
+it."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from pathlib import Path
 import pytest
 from textworld.envs.pddl import logic as pddl_logic
 
-import envs.alfworld_engine as engine
-from envs.alfworld import MEMORY_CACHE, SHARED_CACHE, AlfWorldEnv
-from envs.alfworld_engine import CACHE_ENV, DiskCache, GameCache, default_cache_dir
+import envs.alfworld.engine as engine
+from envs.alfworld.engine import CACHE_ENV, DiskCache, GameCache, default_cache_dir
+from envs.alfworld.env import MEMORY_CACHE, SHARED_CACHE, AlfWorldEnv
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FRESH_PROCESS = """
 import json, sys
-import envs.alfworld_engine as engine
+import envs.alfworld.engine as engine
 from textworld.envs.pddl import logic as pddl_logic
 
 def refuse(*args, **kwargs):
@@ -30,7 +31,7 @@ def refuse(*args, **kwargs):
 
 engine.translate = refuse                  # no PDDL -> SAS translation
 pddl_logic.GameLogic = refuse              # no grammar parse
-from envs.alfworld import SHARED_CACHE, AlfWorldEnv
+from envs.alfworld.env import SHARED_CACHE, AlfWorldEnv
 
 env = AlfWorldEnv(split="embedded", task_types=sys.argv[1].split(","))
 won = []
@@ -45,7 +46,7 @@ print(json.dumps({"won": won, "translations": SHARED_CACHE.translations_computed
 
 WRITER = """
 import sys
-from envs.alfworld_engine import DiskCache, GameCache
+from envs.alfworld.engine import DiskCache, GameCache
 game, folder, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 compiled = GameCache(maxsize=1).get(game)
 disk = DiskCache(folder)
@@ -114,7 +115,7 @@ def test_shared_cache_is_on_disk_by_default_and_can_be_turned_off(
 def test_prepare_then_a_fresh_process_compiles_nothing(tmp_path: Path) -> None:
     """The real CLI fills the cache; a new interpreter then plays from it without compiling."""
     out = _run(
-        ["-m", "envs.alfworld", "prepare", "split=embedded", "task_types=pick,look"], tmp_path
+        ["-m", "envs.alfworld.env", "prepare", "split=embedded", "task_types=pick,look"], tmp_path
     )
     entries = list((tmp_path / "alfworld").rglob("*.json.gz"))
     assert len(entries) == 20 and "20 compiled, 0 already cached" in out
@@ -122,7 +123,9 @@ def test_prepare_then_a_fresh_process_compiles_nothing(tmp_path: Path) -> None:
     assert played["cache_dir"] == str(tmp_path / "alfworld")
     assert played["translations"] == 0 and played["disk_hits"] == 20
     assert all(played["won"]) and len(played["won"]) == 20
-    again = _run(["-m", "envs.alfworld", "prepare", "split=embedded", "task_types=look"], tmp_path)
+    again = _run(
+        ["-m", "envs.alfworld.env", "prepare", "split=embedded", "task_types=look"], tmp_path
+    )
     assert "0 compiled, 10 already cached" in again
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from textworld.envs.pddl.textgen import EvalSymbol
 
-from envs.alfworld import GAME_FILE, SPLITS, AlfWorldEnv
-from envs.alfworld_engine import (
+from envs.alfworld.engine import (
     ALLOWED_ATTRIBUTES,
     GameCache,
     GameFileError,
@@ -20,6 +19,7 @@ from envs.alfworld_engine import (
     compile_expression,
     default_cache_dir,
 )
+from envs.alfworld.env import GAME_FILE, SPLITS, AlfWorldEnv
 
 SWEEP_ENV = "HOLDERPO_ALFWORLD_SWEEP"
 """Games replayed by the sweep test: a count (default 30) or ``all``."""

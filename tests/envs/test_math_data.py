@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from envs.math import MathEnv
-from envs.math_data import (
+from envs.math.dataset import (
     BENCHMARKS,
     DATA_DIR_ENV,
     MathProblem,
     load_problems,
     normalize_answer,
 )
+from envs.math.env import MathEnv
+from envs.math.verify import Verifier
 from envs.parsing import extract_boxed
-from envs.verify import Verifier
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.base import check_info
-from envs.math import EXTRACTED, REFERENCE, MathEnv
-from envs.math_data import DATA_DIR_ENV, load_problems, load_templates
-from envs.verify import Verifier
+from envs.math.dataset import DATA_DIR_ENV, load_problems, load_templates
+from envs.math.env import EXTRACTED, REFERENCE, MathEnv
+from envs.math.verify import Verifier
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from envs.verify import Verifier, VerifyResult, check_answer
+from envs.math.verify import Verifier, VerifyResult, check_answer
 
 TIMEOUT_S = 3.0
 
@@ -149,7 +149,7 @@ def test_bad_settings_raise(kwargs):
 
 _SLOW_FIRST_USE = """
 import importlib.abc, sys, time
-from envs.verify import check_answer
+from envs.math.verify import check_answer
 
 class SlowAntlr(importlib.abc.MetaPathFinder):
     # antlr4's parser modules are what math-verify imports on its first parse; a loaded machine
@@ -175,7 +175,7 @@ def test_a_slow_first_import_is_not_counted_against_the_first_answer():
 
 
 def test_references_are_parsed_once_and_an_unparsable_one_is_not_kept():
-    from envs import verify
+    from envs.math import verify
 
     verify._REFERENCES.clear()
     for answer in ("(-1, 4)", "(-1,4)", "(4, -1)"):  # the rollouts of one group share the gold

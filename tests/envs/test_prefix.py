@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agents.env_pool import EnvFactory, RayEnvPool, SerialEnvPool
-from envs.alfworld import SUBTASKS, AlfWorldEnv, find_games, subtask_of
+from agents.rollout.env_pool import EnvFactory, RayEnvPool, SerialEnvPool
+from envs.alfworld.env import SUBTASKS, AlfWorldEnv, find_games, subtask_of
 from envs.base import TextEnv
 from envs.prefix import (
     EXPERT_PLAN_LENGTH,

@@ -1,7 +1,8 @@
 """Damaged, hostile or unfinished checkpoints: verified, skipped with a reason, never executed.
 
 Real tiny model, real learner updates, both layouts (one-process safetensors and sharded DCP
-written in one process); the resume path is :func:`agents.distributed.resume_checkpoint`, which
+written in one process); the resume path is :func:`agents.training.distributed.resume_checkpoint`,
+which
 ``python -m agents.train resume=true`` calls, and the CLIs run as real subprocesses at the end.
 """
 
@@ -23,16 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents import checkpoint
-from agents.distributed import (
+from agents.generation.models import load_policy_model
+from agents.training import checkpoint
+from agents.training.distributed import (
     DistContext,
     full_state_dict,
     load_model_weights,
     resume_checkpoint,
     save_checkpoint,
 )
-from agents.learner import Learner, LearnerConfig
-from agents.models import load_policy_model
+from agents.training.learner import Learner, LearnerConfig
 from holderpo.loss import PRESETS
 from tests.agents.test_checkpoint import _batch, _vocab
 from tests.conftest import REPO_ROOT
@@ -126,7 +127,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_with_a_warning(
     apply, reason = DAMAGE[damage]
     apply(run_dir / "ckpt-000003", layout)
     learner = _learner(cache)
-    with caplog.at_level(logging.WARNING, logger="agents.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agents.training.checkpoint"):
         found = resume_checkpoint(run_dir, learner=learner, ctx=SINGLE)
     assert found is not None
     path, state = found
@@ -143,7 +144,7 @@ def test_a_missing_dcp_metadata_file_never_reaches_the_sharded_loader(
     run, run_dir: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (run_dir / "ckpt-000003" / ".metadata").unlink()
-    with caplog.at_level(logging.WARNING, logger="agents.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agents.training.checkpoint"):
         found = resume_checkpoint(run_dir, learner=_learner(cache), ctx=SINGLE)
     assert found is not None and found[0].name == "ckpt-000002"
     assert ".metadata is missing" in caplog.text
@@ -205,7 +206,7 @@ def test_a_crafted_trainer_state_never_runs_on_resume(
 ) -> None:
     marker = tmp_path / "pwned"
     _plant_hostile_trainer_state(run_dir / "ckpt-000003", marker)
-    with caplog.at_level(logging.WARNING, logger="agents.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agents.training.checkpoint"):
         found = resume_checkpoint(run_dir, learner=_learner(cache), ctx=SINGLE)
     assert not marker.exists()
     assert found is not None and found[0].name == "ckpt-000002"

@@ -2,7 +2,7 @@
 
 ``BAD_OVERRIDES`` is the table of the bad overrides a user can type: each must raise a
 :class:`ConfigError` whose message names the key, from :func:`build_run_config` or
-:func:`agents.preflight.preflight`, that is before a model loads or an env pool starts. The
+:func:`agents.run.preflight.preflight`, that is before a model loads or an env pool starts. The
 ``before`` column records what each one did before these checks existed (``clear``: a clear error
 before any work; ``late``: an error only after work had started; ``unclear``: an error that did not
 name the key or the fix; ``silent``: accepted).
@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import ConfigError, build_run_config
-from agents.models import resolve_model
-from agents.preflight import EXIT_CONFIG_ERROR, preflight
+from agents.generation.models import resolve_model
+from agents.run.preflight import EXIT_CONFIG_ERROR, preflight
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from agents import checkpoint
-from agents.distributed import (
+from agents.generation.models import load_policy_model
+from agents.training import checkpoint
+from agents.training.distributed import (
     DistributedLearner,
     barrier,
     close_distributed,
@@ -28,8 +29,7 @@ from agents.distributed import (
     shard_batch,
     shard_model,
 )
-from agents.learner import LearnerConfig
-from agents.models import load_policy_model
+from agents.training.learner import LearnerConfig
 from holderpo.loss import PRESETS
 from tests.reliability.test_checkpoint_corruption import _batch, _flip
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("math_verify")
 
-from envs.verify import Verifier  # noqa: E402
+from envs.math.verify import Verifier  # noqa: E402
 
 HEAVY = 24
 

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from agents.env_pool import WORKER_FAILED, EnvWorkerError, RayEnvPool
-from agents.learner import Learner, LearnerConfig
-from agents.models import load_policy_model
-from agents.policy import HFPolicy
-from agents.rollout import RolloutConfig, collect, load_template
+from agents.generation.models import load_policy_model
+from agents.generation.policy import HFPolicy
+from agents.rollout.env_pool import WORKER_FAILED, EnvWorkerError, RayEnvPool
+from agents.rollout.manager import RolloutConfig, collect, load_template
 from agents.train import without_rows
+from agents.training.learner import Learner, LearnerConfig
 from agents.types import Step, Trajectory, collate
 from holderpo.loss import PRESETS
 from protocols import ProtocolConfig, StepSamples, compute_advantages
@@ -43,7 +43,7 @@ the timeout, kill the actor and start its replacement on a loaded two-core machi
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     ray = pytest.importorskip("ray")
-    from agents.env_pool import init_ray
+    from agents.rollout.env_pool import init_ray
 
     started = not ray.is_initialized()
     if started:

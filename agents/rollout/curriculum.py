@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, get_args
 
 import numpy as np
 
-from agents.rollout import group_seed
+from agents.rollout.manager import group_seed
 from envs.prefix import EXPERT_PLAN_LENGTH, EXPERT_REMAINING
 
 if TYPE_CHECKING:
-    from agents.distributed import DistContext
+    from agents.training.distributed import DistContext
     from agents.types import Trajectory
 
 FULL: Final = "full"
@@ -473,7 +473,7 @@ def env_tasks(name: str, kwargs: Mapping[str, Any]) -> tuple[int | None, tuple[s
 
     Each is ``None`` where the env has none.
     """
-    from agents.env_pool import EnvFactory
+    from agents.rollout.env_pool import EnvFactory
 
     env = EnvFactory(name, dict(kwargs))()
     try:
@@ -522,7 +522,7 @@ def save_state(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / f"state-{iteration:06d}.json")
-    from agents.checkpoint import all_checkpoints
+    from agents.training.checkpoint import all_checkpoints
 
     kept = [int(m.group(1)) for p in all_checkpoints(run_dir) if (m := _CKPT_NAME.match(p.name))]
     if not kept:  # nothing to resume from yet: keep every state

@@ -306,7 +306,7 @@ def _as_tuple(reference: Reference) -> tuple[str, ...]:
 
 
 _WORKER_COMMAND: Final = (
-    "import sys; from envs.verify import _worker_main; _worker_main(sys.argv[1:])"
+    "import sys; from envs.math.verify import _worker_main; _worker_main(sys.argv[1:])"
 )
 
 

@@ -13,9 +13,9 @@ never held for the whole batch.
 
 Model, optimizer and learning-rate schedule are built in one place (:func:`build_optimizer`), so a
 sharded or data-parallel variant replaces that function and :meth:`Learner.reduce` alone (see
-:mod:`agents.distributed`). The KL reference is a pluggable :data:`ReferenceLogprobs` callable:
-a frozen copy of the model by default, the adapter-disabled base model under LoRA
-(:mod:`agents.lora`).
+:mod:`agents.training.distributed`). The KL reference is a pluggable :data:`ReferenceLogprobs`
+callable: a frozen copy of the model by default, the adapter-disabled base model under LoRA
+(:mod:`agents.training.lora`).
 """
 
 from __future__ import annotations

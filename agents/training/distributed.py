@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from agents import checkpoint
-from agents.learner import Learner, LearnerConfig, ReferenceLogprobs, token_logprobs
+from agents.training import checkpoint
+from agents.training.learner import Learner, LearnerConfig, ReferenceLogprobs, token_logprobs
 from agents.types import Batch
 from holderpo.loss import LossConfig
 
@@ -258,8 +258,8 @@ class DistributedLearner(Learner):
             temperature: the generator's sampling temperature (see :class:`Learner`).
             autocast_dtype: mixed-precision dtype of the forward passes.
             reference_logprobs: the KL reference (:func:`frozen_reference` or
-                :func:`agents.lora.adapter_disabled_logprobs`); needed when ``kl_coef > 0`` on a
-                sharded model.
+                :func:`agents.training.lora.adapter_disabled_logprobs`); needed when ``kl_coef >
+                0`` on a sharded model.
         """
         local = cfg.mini_batch_size // ctx.world_size
         if cfg.mini_batch_size % ctx.world_size or local % cfg.micro_batch_size:
@@ -271,8 +271,9 @@ class DistributedLearner(Learner):
         if loss_cfg.kl_coef > 0 and reference_logprobs is None and ctx.distributed:
             raise ValueError(
                 "kl_coef > 0 on a sharded model needs reference_logprobs: build it with "
-                "agents.distributed.frozen_reference(model, ctx) before shard_model(model, ctx), "
-                "or train LoRA adapters (agents.lora.adapter_disabled_logprobs)"
+                "agents.training.distributed.frozen_reference(model, ctx) before "
+                "shard_model(model, ctx), "
+                "or train LoRA adapters (agents.training.lora.adapter_disabled_logprobs)"
             )
         self.ctx = ctx
         super().__init__(
@@ -375,8 +376,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt-<iteration>`` (all ranks call it): sharded model + optimizer, rank-0 extras.
 
-    The writer family of :func:`agents.checkpoint.save`: every rank writes its shard into the
-    staging folder; once all have, rank 0 adds the trainer state (weights-only loadable) and the
+    The writer family of :func:`agents.training.checkpoint.save`: every rank writes its shard into
+    the staging folder; once all have, rank 0 adds the trainer state (weights-only loadable) and the
     manifest (size and sha256 of every file, DCP's pickled ``.metadata`` included), renames the
     folder into place and fsyncs the run folder. With frozen parameters (LoRA) only the trainable
     weights and their optimizer state are saved. All ranks must see ``run_dir`` (one machine, or a

@@ -1,4 +1,4 @@
-"""Generate the embedded ALFWorld games of ``envs/data/alfworld`` (a training and a held-out split).
+"""Generate the embedded ALFWorld games of ``envs/alfworld/data`` (a training and a held-out split).
 
 Each game is a ``game.tw-pddl`` file in ALFWorld's format, written from scratch here: the PDDL
 domain and text grammar are the ones the alfworld wheel ships (``alfworld/data/alfred.pddl`` and
@@ -14,7 +14,7 @@ every room has one goal ``(task type, object, receptacle)`` of its own. The held
 are drawn after the training split's and never repeat one, so no held-out game shares its task (nor,
 hence, its room) with a training game.
 
-Regenerate with ``python -m envs.alfworld_embedded [--out DIR]``.
+Regenerate with ``python -m envs.alfworld.embedded [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import alfworld
 import alfworld.gen.constants as constants
 import alfworld.gen.goal_library as goal_library
 
-from envs.alfworld import (
+from envs.alfworld.engine import Engine, GameCache
+from envs.alfworld.env import (
     EMBEDDED_DIR,
     EMBEDDED_HELDOUT,
     EMBEDDED_SPLITS,
@@ -41,7 +42,6 @@ from envs.alfworld import (
     GAME_FILE,
     TASK_TYPES,
 )
-from envs.alfworld_engine import Engine, GameCache
 
 _WHEEL_DATA = Path(alfworld.__file__).resolve().parent / "data"
 

@@ -1,6 +1,6 @@
 r"""Math problems for the math env: the embedded set, the training set and five benchmarks.
 
-The embedded set (``envs/data/math/embedded.jsonl``, 32 problems written for this project) ships
+The embedded set (``envs/math/data/embedded.jsonl``, 32 problems written for this project) ships
 with the package. The others are read from a data directory laid out as
 ``train/math_lvl3to5_8k.json`` and ``eval/jsonl_from_arrow/<benchmark>.jsonl``, given as
 ``data_dir`` or through the ``HOLDERPO_MATH_DATA`` environment variable.
@@ -161,7 +161,7 @@ def _problem(row: dict[str, Any], problem_key: str, benchmark: str, index: int) 
 
 @functools.lru_cache(maxsize=1)
 def _load_embedded() -> tuple[MathProblem, ...]:
-    text = resources.files("envs").joinpath("data/math/embedded.jsonl").read_text("utf-8")
+    text = resources.files("envs.math").joinpath("data/embedded.jsonl").read_text("utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return tuple(_problem(row, "problem", EMBEDDED, i) for i, row in enumerate(rows))
 
@@ -181,8 +181,8 @@ def _load_file(dataset: str, path: Path) -> tuple[MathProblem, ...]:
 
 
 def load_templates() -> dict[str, str]:
-    """The prompt templates (``envs/data/math/templates.json``): name -> text with ``{problem}``."""
-    text = resources.files("envs").joinpath("data/math/templates.json").read_text("utf-8")
+    """The prompt templates (``envs/math/data/templates.json``): name -> text with ``{problem}``."""
+    text = resources.files("envs.math").joinpath("data/templates.json").read_text("utf-8")
     return dict(json.loads(text))
 
 

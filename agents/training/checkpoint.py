@@ -4,7 +4,8 @@ A checkpoint is a folder ``ckpt-<iteration:06d>`` holding
 
 * the weights: ``model.safetensors`` (one process; tensors that share storage, such as tied
   embeddings, stored once), or the sharded files of ``torch.distributed.checkpoint`` (torchrun,
-  :mod:`agents.distributed`: ``__<rank>_0.distcp`` and its ``.metadata``). When some parameters
+  :mod:`agents.training.distributed`: ``__<rank>_0.distcp`` and its ``.metadata``). When some
+  parameters
   are frozen (LoRA, ``model.lora.r > 0``) only the trainable ones are saved: the frozen base is
   rebuilt from ``model.name`` when the checkpoint is loaded into a model built with the run's
   config;
@@ -47,7 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-log = logging.getLogger("agents.checkpoint")
+log = logging.getLogger("agents.training.checkpoint")
 
 T = TypeVar("T")
 
@@ -426,7 +427,8 @@ def save(
     Args:
         run_dir: the run folder.
         model: the training model (its trainable weights only when some are frozen).
-        learner_state: :meth:`agents.learner.Learner.state_dict` (optimizer, scheduler, shuffling).
+        learner_state: :meth:`agents.training.learner.Learner.state_dict` (optimizer,
+            scheduler, shuffling).
         state: where the run stands.
         keep: checkpoints kept (``trainer.keep``).
 

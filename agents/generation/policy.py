@@ -14,7 +14,7 @@ One protocol, :class:`Policy`, and two backends, registered in :data:`BACKENDS` 
 
 Weight sync, the seam between learner and generator, has two halves: a :data:`WeightExport`
 (learner model -> full, base-named tensors: the plain state dict, LoRA merged, FSDP2 gathered;
-chosen by ``agents.runtime``) and the generator's ``load_weights`` (in place for the colocated
+chosen by ``agents.run.runtime``) and the generator's ``load_weights`` (in place for the colocated
 engine; a server engine would receive the same tensors over the wire, see ``docs/scale_out.md``).
 
 Conventions shared by both backends:
@@ -306,7 +306,7 @@ class HFPolicy(_ChatPolicy):
     @contextmanager
     def generating(self) -> Iterator[None]:
         """The full parameters on every rank during the block (FSDP2; else nothing to do)."""
-        from agents.distributed import gathered_for_generation
+        from agents.training.distributed import gathered_for_generation
 
         with gathered_for_generation(self.model):
             yield
@@ -662,13 +662,13 @@ class VLLMPolicy(_ChatPolicy):
         export: WeightExport | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        """Start a vLLM engine on ``model`` (e.g. a directory from ``agents.models.resolve_model``).
+        """Start a vLLM engine on ``model`` (e.g. a directory from ``models.resolve_model``).
 
         Args:
             model: model directory or hub id.
             tokenizer: its Hugging Face tokenizer; default loaded from ``model``.
             dtype: engine dtype; default ``"bfloat16"`` on GPU and ``"float32"`` on CPU (as
-                ``agents.models.load_policy_model``).
+                ``agents.generation.models.load_policy_model``).
             gpu_memory_utilization: share of GPU memory for the engine (the learner needs the
                 rest); unused on CPU.
             kv_cache_gib: KV-cache size in GiB; default: on GPU what ``gpu_memory_utilization``
@@ -680,7 +680,7 @@ class VLLMPolicy(_ChatPolicy):
             sleep: sleep outside :meth:`generating` blocks where the platform supports it (see
                 :attr:`VLLMSettings.sleep`); :attr:`sleeps` says whether it does.
             export: the learner model's weights for :meth:`sync` (default its ``state_dict``;
-                LoRA and FSDP2 need theirs, see ``agents.runtime.weight_export``).
+                LoRA and FSDP2 need theirs, see ``agents.run.runtime.weight_export``).
             **engine_kwargs: passed to ``vllm.LLM``.
 
         Raises:
@@ -803,7 +803,7 @@ def _vllm_sampling(params: SamplingParams, allowed: Sequence[str] | None) -> Any
     """The vLLM sampling parameters of one request.
 
     A sampled request's seed is drawn from torch's global generator, so that a run seeded per
-    iteration (``agents.runtime.seed_everything``) samples the same responses when resumed.
+    iteration (``agents.run.runtime.seed_everything``) samples the same responses when resumed.
     """
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import StructuredOutputsParams
@@ -835,7 +835,7 @@ def _check_cpu_head_size(model: str | os.PathLike[str]) -> None:
         raise ValueError(
             f"{model}: attention head size {head} is not supported by vLLM's CPU attention "
             f"(supported: {supported}); use a model with one of these sizes (for the built-in tiny "
-            "model, agents.models.TinyConfig(num_heads=2) gives 32) or HFPolicy"
+            "model, agents.generation.models.TinyConfig(num_heads=2) gives 32) or HFPolicy"
         )
 
 

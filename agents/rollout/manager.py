@@ -1,9 +1,10 @@
 """Multi-turn rollouts: prompts from templates, one batched generation per turn, parsed actions.
 
 :class:`RolloutManager.collect` plays ``num_groups × group_size`` episodes on an
-:class:`~agents.env_pool.EnvPool`. Group ``g`` uses envs ``g*n .. g*n+n-1``, all reset with one seed
+:class:`~agents.rollout.env_pool.EnvPool`. Group ``g`` uses envs ``g*n .. g*n+n-1``, all reset with
+one seed
 derived from the rollout seed and ``g`` (so they play the same game), or with the seeds and reset
-options a task sampler chose (:mod:`agents.curriculum`). Every turn:
+options a task sampler chose (:mod:`agents.rollout.curriculum`). Every turn:
 
 1. one prompt per active env, built from its :class:`PromptTemplate` (task, a window of the last
    ``history_window`` (observation, action) pairs, the current observation, the admissible
@@ -34,8 +35,8 @@ from typing import Any, Final
 import numpy as np
 import yaml
 
-from agents.env_pool import WORKER_FAILED, EnvPool, ResetOptions, StepResult
-from agents.policy import Message, Policy
+from agents.generation.policy import Message, Policy
+from agents.rollout.env_pool import WORKER_FAILED, EnvPool, ResetOptions, StepResult
 from agents.types import Generation, SamplingParams, Step, Trajectory
 from envs.parsing import parse_action
 from envs.prefix import PREFIX_HISTORY

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.learner import ReferenceLogprobs, token_logprobs
+from agents.training.learner import ReferenceLogprobs, token_logprobs
 from agents.types import Batch
 
 INSTALL = "pip install 'holderpo-agents[lora]'  (or: pip install peft)"

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from envs.base import InfoKeys, TextEnv
-from envs.math_data import EMBEDDED, MathProblem, load_problems, load_templates, render
+from envs.math.dataset import EMBEDDED, MathProblem, load_problems, load_templates, render
+from envs.math.verify import DEFAULT_MAX_JOBS, DEFAULT_MAX_RSS_MB, Verifier, shared_verifier
 from envs.parsing import extract_answer_tag, extract_boxed
-from envs.verify import DEFAULT_MAX_JOBS, DEFAULT_MAX_RSS_MB, Verifier, shared_verifier
 
 REFERENCE: Final = "reference"
 """Info key: the gold answer as text."""

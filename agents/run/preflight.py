@@ -30,8 +30,8 @@ from typing import Any, Final
 
 import envs
 from agents.config import MIN_PROMPT_TOKENS, ConfigError, RunConfig
-from agents.models import ModelNotAvailableError, resolve_model
-from agents.policy import BACKENDS
+from agents.generation.models import ModelNotAvailableError, resolve_model
+from agents.generation.policy import BACKENDS
 
 EXIT_CONFIG_ERROR: Final = 2
 """Exit status of a CLI stopped by a configuration error."""
@@ -64,7 +64,7 @@ def check_backend(cfg: RunConfig) -> None:
 
 def check_env(cfg: RunConfig) -> None:
     """The env builds with the training kwargs and with the evaluation ones; the prompt exists."""
-    from agents.rollout import load_template
+    from agents.rollout.manager import load_template
 
     if cfg.env.name not in envs.registered():
         raise ConfigError(

@@ -3,7 +3,8 @@
 Training and evaluation share :func:`build_runtime`. Under ``torchrun`` each rank joins the process
 group, shards the model with FSDP2 and steps its own share of the env groups; in one process the
 same code runs unsharded. LoRA adapters, the KL reference, the generator backend
-(``rollout.backend``, looked up in :data:`agents.policy.BACKENDS`) and how the learner's weights
+(``rollout.backend``, looked up in :data:`agents.generation.policy.BACKENDS`) and how the learner's
+weights
 reach it (:func:`weight_export`) are chosen here too, so the train loop never branches on them.
 """
 
@@ -20,7 +21,11 @@ import numpy as np
 import torch
 
 from agents.config import ConfigError, RunConfig
-from agents.distributed import (
+from agents.generation.models import enable_gradient_checkpointing, load_policy_model, resolve_model
+from agents.generation.policy import BACKENDS, GeneratorInputs, Policy, WeightExport
+from agents.rollout.env_pool import EnvFactory, EnvPool, RayEnvPool, SerialEnvPool
+from agents.rollout.manager import RolloutConfig, RolloutManager, load_template
+from agents.training.distributed import (
     DistContext,
     DistributedLearner,
     frozen_reference,
@@ -28,12 +33,8 @@ from agents.distributed import (
     init_distributed,
     shard_model,
 )
-from agents.env_pool import EnvFactory, EnvPool, RayEnvPool, SerialEnvPool
-from agents.learner import Learner, ReferenceLogprobs
-from agents.lora import adapter_disabled_logprobs, apply_lora, merged_state_dict
-from agents.models import enable_gradient_checkpointing, load_policy_model, resolve_model
-from agents.policy import BACKENDS, GeneratorInputs, Policy, WeightExport
-from agents.rollout import RolloutConfig, RolloutManager, load_template
+from agents.training.learner import Learner, ReferenceLogprobs
+from agents.training.lora import adapter_disabled_logprobs, apply_lora, merged_state_dict
 
 MAX_EVAL_ENVS = 64
 """Most envs of the evaluation pool (one batched generation per turn covers them all)."""
@@ -225,8 +226,10 @@ def build_policy(
 def weight_export(*, lora: bool, distributed: bool) -> WeightExport:
     """How the learner's weights leave it for a generator that holds its own copy.
 
-    One process: the model's state dict (no copy). LoRA: :func:`agents.lora.merged_state_dict`,
-    the adapters folded into base-named weights. FSDP2: :func:`agents.distributed.full_state_dict`,
+    One process: the model's state dict (no copy). LoRA:
+    :func:`agents.training.lora.merged_state_dict`,
+    the adapters folded into base-named weights. FSDP2:
+    :func:`agents.training.distributed.full_state_dict`,
     the full weights gathered onto every rank as a CPU copy; with LoRA, the merge is computed on
     the shards and then gathered. Under FSDP2 the export is a collective: every rank syncs after
     the update.

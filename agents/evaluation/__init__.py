@@ -1,0 +1,1 @@
+"""Evaluation: reports and plots of per-subtask success."""

@@ -1,0 +1,1 @@
+"""Training: the learner (one or many ranks), the process group and FSDP, LoRA, checkpoints."""

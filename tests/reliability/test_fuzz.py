@@ -52,8 +52,10 @@ TEXT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=40)), max
 )
 """Model-like text: fragments and arbitrary unicode, up to a few hundred characters."""
 
-FAST = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
-ENV = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# No per-example deadline: a wall-clock limit fails on a loaded machine (a cold game took 3.2 s
+# at load 17, 13 ms when retried); a hang is still caught by pytest-timeout.
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ENV = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MATH = settings(
     max_examples=40,
     deadline=None,  # the verifier's own hard limit bounds a step (5 s, then a fresh worker)

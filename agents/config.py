@@ -5,6 +5,15 @@ dict; everything after that sees only the dataclasses below (and the ones beside
 ``holderpo.loss.LossConfig``, ``holderpo.schedule.PSchedule``, ``protocols.ProtocolConfig``,
 ``agents.training.learner.LearnerConfig``, ``agents.rollout.manager.RolloutConfig``). A bad value
 fails here, before any work, with a message naming the key and the fix.
+
+Each default lives in one place. A section only the config tree builds (:class:`EnvConfig`,
+:class:`ModelConfig`, :class:`RolloutSection`, :class:`TrainerSection`) has no defaults: its YAML
+(``configs/env/``, ``configs/model/``, ``configs/rollout/default.yaml``, the ``trainer:`` block of
+``configs/config.yaml``) holds every value. A dataclass that code also builds directly
+(``LearnerConfig``, ``CurriculumConfig``, ``ProtocolConfig``, ``VLLMSettings``, ``LoraSettings``,
+``PSchedule``, the loss presets) holds its defaults, and a YAML that lists one of its fields (so
+that the composed tree shows it and Hydra can override it) states the same value, or ``???``.
+``tests/agents/test_config_defaults.py`` checks both rules for every YAML key.
 """
 
 from __future__ import annotations
@@ -14,13 +23,13 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
-from agents.generation.policy import BACKENDS, VLLMSettings
+from agents.generation.backends import BACKENDS
+from agents.generation.vllm import VLLMSettings
 from agents.rollout.curriculum import CurriculumConfig
-from agents.rollout.env_pool import DEFAULT_STEP_TIMEOUT_S
 from agents.training.learner import LearnerConfig
 from agents.training.lora import LoraSettings
 from holderpo.loss import PRESETS, LossConfig
@@ -36,6 +45,15 @@ beside ``rollout.max_new_tokens`` (longer rows lose the head of their prompt).""
 UNSET: Final = "???"
 """A config value that is not set (OmegaConf's missing value): the preset's or the default."""
 
+RENAMED_KEYS: Final[Mapping[str, tuple[str, str]]] = {
+    "rollout.max_steps": (
+        "rollout.max_turns",
+        "the policy's turns per episode; the env's own step limit is env.kwargs.max_steps",
+    ),
+}
+"""Keys that were renamed: old key -> (new key, what it means). The old key on the command line
+(:func:`agents.run.preflight.check_renamed`) or in a config file fails naming the new one."""
+
 T = TypeVar("T")
 
 
@@ -45,35 +63,35 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """Which environment to train and evaluate on."""
+    """Which environment to train and evaluate on (``configs/env/<name>.yaml``; no defaults)."""
 
     name: str
     """Registered env name (``envs.registered()``)."""
     prompt: str
     """Prompt template name (``configs/prompts/<prompt>.yaml``)."""
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any]
     """Keyword arguments of ``envs.make`` for training."""
-    eval_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    eval_kwargs: Mapping[str, Any]
     """Overrides of ``kwargs`` for evaluation (e.g. another split)."""
-    split_key: str | None = None
+    split_key: str | None
     """The ``kwargs`` key that selects a split/benchmark (``split=`` of ``agents.evaluate``)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The policy model."""
+    """The policy model (``configs/model/<name>.yaml``; no defaults)."""
 
     name: str
     """Built-in name (``tiny``, ``smollm2_135m``), a local folder, or a hub id."""
-    dtype: str = "float32"
+    dtype: str
     """``float32`` | ``bfloat16`` | ``float16``: the autocast dtype of generation and of the
     learner's forward/backward on GPU (the weights stay float32). CPU runs in float32 (bfloat16
     autocast measured faster there but with log-probs off by ~2e-2, see ``docs/models.md``)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool
     """Recompute activations in the backward pass (less memory, one more forward per update)."""
-    cache_dir: str | None = None
+    cache_dir: str | None
     """Where built-in models are built and cached."""
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=0))
+    lora: LoraSettings
     """LoRA adapters (``model.lora.r > 0`` turns them on; peft, the ``lora`` extra)."""
 
     def __post_init__(self) -> None:
@@ -85,50 +103,56 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RolloutSection:
-    """How rollouts are collected (see ``configs/rollout/default.yaml``)."""
+    """How rollouts are collected (``configs/rollout/default.yaml`` holds every value; no defaults).
 
-    num_groups: int = 1
+    The fields that :class:`agents.rollout.manager.RolloutConfig` also has (``temperature``,
+    ``top_p``, ``max_new_tokens``, ``history_window``, ``constrained``) reach it by name
+    (:func:`agents.run.runtime.rollout_config`).
+    """
+
+    num_groups: int
     """Games/problems per iteration."""
-    group_size: int = 4
+    group_size: int
     """Rollouts per game (they share the reset seed)."""
-    max_steps: int = 4
-    """Turns per episode."""
-    history_window: int = 2
+    max_turns: int
+    """The policy's turns per episode (the env's own step limit, e.g. ``env.kwargs.max_steps``,
+    still applies; the expert actions of a curriculum stage are not turns)."""
+    history_window: int
     """Recent (observation, action) pairs in the prompt; -1 for the whole history."""
-    temperature: float = 1.0
+    temperature: float
     """Sampling temperature."""
-    top_p: float = 1.0
+    top_p: float
     """Nucleus mass."""
-    max_new_tokens: int = 48
+    max_new_tokens: int
     """Tokens per response."""
-    constrained: bool = False
+    constrained: bool
     """Decode only admissible actions."""
-    backend: str = "hf"
-    """Generator backend (``agents.generation.policy.BACKENDS``): ``hf`` generates with the
+    backend: str
+    """Generator backend (``agents.generation.backends.BACKENDS``): ``hf`` generates with the
     training model
     itself; ``vllm`` runs a vLLM engine beside it (the ``vllm`` extra) whose weights are synced
     after every update."""
-    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    vllm: VLLMSettings
     """The vLLM engine's mode and memory settings (``rollout.backend=vllm``)."""
-    generator_savings: bool = True
+    generator_savings: bool
     """The transformers generator's savings (output head on the last prompt position only, one
     prefill per distinct prompt, a KV cache filled in place); false runs the plain loop (same
     samples; benchmarks)."""
-    pool: str = "serial"
+    pool: str
     """``serial`` or ``ray``."""
-    num_workers: int = 2
+    num_workers: int
     """Ray env actors."""
-    ray_address: str | None = None
+    ray_address: str | None
     """``None`` starts a local Ray; ``"auto"`` joins a running cluster."""
-    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    step_timeout_s: float
     """Ray pool: longest wait for an env actor's answer to one reset/step; past it the actor is
     killed and replaced and its episodes are cut (their groups are left out of the update)."""
-    worker_attempts: int = 3
+    worker_attempts: int
     """Ray pool: actors tried for one reset (the first and fresh replacements) before the run
     stops with an error."""
 
     def __post_init__(self) -> None:
-        keys = ("num_groups", "group_size", "max_steps", "max_new_tokens", "num_workers")
+        keys = ("num_groups", "group_size", "max_turns", "max_new_tokens", "num_workers")
         for key in (*keys, "worker_attempts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
@@ -160,32 +184,42 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class TrainerSection:
-    """Run-level settings that are not the learner's."""
+    """Run-level settings that are not the learner's.
 
-    iterations: int = 3
+    The ``trainer:`` block of ``configs/config.yaml`` less the :class:`LearnerConfig` keys
+    (:func:`build_trainer`); that block holds every value (no defaults).
+    """
+
+    iterations: int
     """Training iterations."""
-    seed: int = 0
-    """Seed of everything random in the run."""
-    save_every: int = 5
+    seed: int
+    """Seed of everything random in the run (the learner's mini-batch shuffling too)."""
+    save_every: int
     """Checkpoint every k iterations and after the last one (0: only after the last one)."""
-    keep: int = 2
+    keep: int
     """Checkpoints kept on disk (the newest ``keep``; an older one is the fallback of a resume
     whose newest checkpoint does not verify)."""
-    eval_every: int = 0
+    eval_every: int
     """Evaluate every k iterations (0: only at the end)."""
-    eval_episodes: int = 12
+    eval_episodes: int
     """Episodes per evaluation."""
-    eval_before: bool = True
+    eval_before: bool
     """Evaluate once before the first iteration too (iteration 0 of the reports and plots)."""
-    eval_baselines: bool = True
+    eval_baselines: bool
     """Evaluations also report random admissible actions and the best single-verb rule at the
     same stages (envs with admissible actions and expert plans; played once per run)."""
-    max_length: int = 2048
+    max_length: int
     """Longest prompt+response a training row keeps."""
-    device: str = "auto"
+    device: str
     """``auto`` | ``cpu`` | ``cuda``."""
-    torch_threads: int = 0
+    torch_threads: int
     """torch intra-op threads (0 leaves the default)."""
+    loggers: tuple[str, ...]
+    """Metric sinks beside ``metrics.jsonl`` (``agents.run.metrics.LOGGERS``): ``tensorboard``,
+    ``wandb``, ``mlflow`` (both offline, under the run folder; the ``trackers`` extra)."""
+    export: bool
+    """Write the trained policy as a Hugging Face model folder, ``<run_dir>/export``, at the end
+    (``agents/export.py``)."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -209,6 +243,8 @@ class TrainerSection:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device={self.device!r}: use auto, cpu or cuda")
+        loggers = (self.loggers,) if isinstance(self.loggers, str) else tuple(self.loggers or ())
+        object.__setattr__(self, "loggers", loggers)  # names checked by agents.run.preflight
 
 
 @dataclass(frozen=True)
@@ -233,9 +269,9 @@ class RunConfig:
     """Run-level settings."""
     run_dir: Path
     """Output folder (config, metrics, checkpoints, reports)."""
-    resume: bool = False
+    resume: bool
     """Continue from the newest checkpoint in ``run_dir``."""
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    curriculum: CurriculumConfig
     """Which tasks each iteration plays and the evaluation stages (``configs/curriculum/``)."""
 
 
@@ -249,38 +285,63 @@ def build_run_config(tree: Mapping[str, Any]) -> RunConfig:
     (:func:`check_across`); what needs the env or the model is checked by
     :func:`agents.run.preflight.preflight` before any work.
     """
-    trainer = dict(tree.get("trainer", {}))
-    learner_part = {k: trainer.pop(k) for k in list(trainer) if k in _LEARNER_KEYS}
-    trainer_cfg = _build(TrainerSection, trainer, "trainer", also_valid=_LEARNER_KEYS)
-    learner_cfg = _build(LearnerConfig, {**learner_part, "seed": trainer_cfg.seed}, "trainer")
-    _check_learner(learner_cfg)
-    loss, schedule = _algorithm(dict(tree.get("algorithm", {})), trainer_cfg.iterations)
-    protocol = _build(ProtocolConfig, dict(tree.get("protocol", {})), "protocol")
+    trainer_cfg, learner_cfg = build_trainer(_section(tree, "trainer"))
+    loss, schedule = _algorithm(_section(tree, "algorithm"), trainer_cfg.iterations)
+    protocol = _build(ProtocolConfig, _section(tree, "protocol"), "protocol")
     if protocol.name not in available_protocols():
         raise ConfigError(
             f"protocol.name={protocol.name!r} is unknown; choose protocol=<one of "
             f"{available_protocols()}>"
         )
     run = RunConfig(
-        env=_build(EnvConfig, dict(tree.get("env", {})), "env"),
+        env=_build(EnvConfig, _section(tree, "env"), "env"),
         loss=loss,
         p_schedule=schedule,
         protocol=protocol,
-        model=_model(dict(tree.get("model", {}))),
-        rollout=_rollout(dict(tree.get("rollout", {}))),
+        model=_model(_section(tree, "model")),
+        rollout=_rollout(_section(tree, "rollout")),
         learner=learner_cfg,
         trainer=trainer_cfg,
-        run_dir=Path(str(tree.get("run_dir", "runs/run"))),
+        run_dir=Path(str(tree["run_dir"])) if "run_dir" in tree else _missing("run_dir"),
         resume=_flag(tree, "resume"),
-        curriculum=_build(CurriculumConfig, dict(tree.get("curriculum", {})), "curriculum"),
+        curriculum=_build(CurriculumConfig, _section(tree, "curriculum"), "curriculum"),
     )
     check_across(run)
     return run
 
 
+def build_trainer(section: Mapping[str, Any]) -> tuple[TrainerSection, LearnerConfig]:
+    """The ``trainer:`` block as its two dataclasses.
+
+    The :class:`LearnerConfig` keys (optimisation) go to the learner, the others to
+    :class:`TrainerSection`; ``trainer.seed`` seeds both (the learner shuffles mini-batches).
+    """
+    values = dict(section)
+    learner_part = {k: values.pop(k) for k in list(values) if k in _LEARNER_KEYS}
+    trainer = _build(TrainerSection, values, "trainer", also_valid=_LEARNER_KEYS)
+    learner = _build(LearnerConfig, {**learner_part, "seed": trainer.seed}, "trainer")
+    _check_learner(learner)
+    return trainer, learner
+
+
+def _section(tree: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The tree's ``key`` section as a new dict (the root config composes every one)."""
+    value = tree.get(key)
+    if not isinstance(value, Mapping):
+        _missing(key)
+    return dict(value)
+
+
+def _missing(key: str) -> NoReturn:
+    raise ConfigError(
+        f"the config has no {key!r}; compose it from configs/config.yaml (which sets every "
+        f"section) or set {key}=..."
+    )
+
+
 def _flag(tree: Mapping[str, Any], key: str) -> bool:
     """A top-level boolean of the tree (``resume=maybe`` is an error, not ``True``)."""
-    value = tree.get(key, False)
+    value = tree.get(key)
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false")
     return value
@@ -316,7 +377,7 @@ def _check_learner(cfg: LearnerConfig) -> None:
 
 
 def _model(section: dict[str, Any]) -> ModelConfig:
-    lora = dict(section.pop("lora", None) or {"r": 0})
+    lora = dict(section.pop("lora", None) or {})  # null: LoraSettings' defaults (LoRA off)
     if "target_modules" in lora:
         lora["target_modules"] = tuple(lora["target_modules"])
     settings = _build(LoraSettings, lora, "model.lora")
@@ -368,12 +429,20 @@ def _build(
     ``also_valid``: keys of the same config section that another dataclass takes (listed in the
     unknown-key hint).
     """
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = {f.name for f in fields}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {[f'{where}.{k}' for k in unknown]}; valid keys of {where}: "
-            f"{sorted(names | set(also_valid))}"
+            f"unknown key(s) {[f'{where}.{k}' for k in unknown]}; "
+            + "".join(_renamed(f"{where}.{k}") for k in unknown)
+            + f"valid keys of {where}: {sorted(names | set(also_valid))}"
+        )
+    missing = [f"{where}.{f.name}" for f in fields if f.name not in values and _required(f)]
+    if base is None and missing:
+        raise ConfigError(
+            f"missing key(s) {missing}: {cls.__name__} has no defaults, the YAML under configs/ "
+            f"sets every key (a config of your own must set them too)"
         )
     _check_types(cls, values, where)
     try:
@@ -384,6 +453,18 @@ def _build(
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {where} config: {exc}") from exc
+
+
+def _renamed(key: str) -> str:
+    """``"<key> is now <new key> (<meaning>); "`` for a renamed key, else ``""``."""
+    if key not in RENAMED_KEYS:
+        return ""
+    new, meaning = RENAMED_KEYS[key]
+    return f"{key} is now {new} ({meaning}); "
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _check_types(cls: type, values: Mapping[str, Any], where: str) -> None:

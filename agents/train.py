@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -24,20 +26,20 @@ import torch
 from omegaconf import DictConfig
 
 from agents.config import RunConfig, build_run_config
-from agents.evaluate import evaluate_stages, finish_reports
+from agents.evaluation.episodes import evaluate_stages, finish_reports
+from agents.export import export_runtime
 from agents.rollout import curriculum
 from agents.rollout.curriculum import TaskSampler, rollout_seed
-from agents.run.cli import register_env_configs, to_container
+from agents.run.cli import register_env_configs, to_container, with_hydra_run_dir
 from agents.run.metrics import MetricsWriter
-from agents.run.preflight import cli_errors, preflight
+from agents.run.preflight import check_renamed, cli_errors, preflight
 from agents.run.runtime import Runtime, build_runtime, local_groups, seed_everything
 from agents.training import checkpoint
 from agents.training.distributed import (
+    all_gather_list,
     all_reduce_metrics,
     barrier,
     close_distributed,
-    resume_checkpoint,
-    save_checkpoint,
 )
 from agents.training.learner import Learner
 from agents.types import Batch, collate
@@ -66,7 +68,10 @@ def train(cfg: RunConfig) -> Path:
         learner = rt.build_learner()
         start = _maybe_resume(cfg, rt, learner)
         sampler = _sampler(cfg, start)
-        with MetricsWriter(cfg.run_dir, enabled=main) as writer:
+        tree = _config_tree(cfg) if main else None
+        with MetricsWriter(
+            cfg.run_dir, loggers=cfg.trainer.loggers, config=tree, enabled=main
+        ) as writer:
             writer.truncate(start)
             if start == 0 and cfg.trainer.eval_before:  # where the curves start (iteration 0)
                 _evaluate(cfg, rt, 0)
@@ -78,10 +83,18 @@ def train(cfg: RunConfig) -> Path:
                 if main:
                     log.info(_summary(it, cfg.trainer.iterations, result))
                 if _due(it, cfg.trainer.save_every, cfg.trainer.iterations):
-                    curriculum.save_state(sampler, cfg.run_dir, it + 1, enabled=main)
+                    curriculum.save_state(
+                        sampler,
+                        cfg.run_dir,
+                        it + 1,
+                        checkpoints=checkpoint.iterations(cfg.run_dir),
+                        enabled=main,
+                    )
                     _save(cfg, rt, learner, it, result.p)
         if main:
             finish_reports(cfg.run_dir)
+        if cfg.trainer.export:  # <run_dir>/export, a Hugging Face model folder
+            export_runtime(rt)
     close_distributed()
     return cfg.run_dir
 
@@ -91,7 +104,6 @@ def run_iteration(
 ) -> IterationResult:
     """Rollout (this rank's groups, tasks from the sampler), advantages and one learner update."""
     seed_everything(cfg.trainer.seed, it, rt.ctx.rank)
-    p = cfg.p_schedule(it)
     if sampler is None:  # the tasks of curriculum=uniform
         sampler = curriculum.UniformSampler(cfg.curriculum, seed=cfg.trainer.seed, num_tasks=None)
     tasks = sampler.plan(
@@ -102,19 +114,20 @@ def run_iteration(
         trajectories, rollout_metrics = rt.rollout.collect(
             len(tasks),
             cfg.rollout.group_size,
-            cfg.rollout.max_steps,
+            cfg.rollout.max_turns,
             seed=rollout_seed(cfg.trainer.seed, it, rt.ctx.rank),
             group_seeds=[t.seed for t in tasks],
             group_options=[t.reset_options for t in tasks],
         )
-    curriculum_metrics = curriculum.observe(sampler, tasks, trajectories, rt.ctx)
+    curriculum_metrics = curriculum.observe(
+        sampler, tasks, trajectories, partial(all_gather_list, ctx=rt.ctx)
+    )
     t1 = time.perf_counter()
     samples = StepSamples.from_trajectories(trajectories)
     advantages, adv_metrics = compute_advantages(samples, cfg.protocol)
-    steps = [s for t in trajectories for s in t.steps]
-    batch = collate(steps, advantages.tolist(), pad_id=rt.pad_id, max_length=cfg.trainer.max_length)
+    batch = collate(samples.steps, advantages, pad_id=rt.pad_id, max_length=cfg.trainer.max_length)
     batch = without_rows(batch, ~samples.trainable)  # groups cut by a dead env worker
-    learn_metrics = learner.update(batch, p=p)
+    learn_metrics = learner.update(batch, it)  # p from the learner's schedule (holder/p)
     rt.policy.sync(rt.model)  # the next rollout samples the updated policy (a no-op for hf)
     t2 = time.perf_counter()
     local = {
@@ -123,15 +136,14 @@ def run_iteration(
         "time/rollout_s": t1 - t0,
         "time/learn_s": t2 - t1,
         "time/iteration_s": t2 - t0,
-        "rollout/step_samples": float(len(steps)),
+        "rollout/step_samples": float(len(samples)),
     }
     metrics = {
         **all_reduce_metrics(local, rt.ctx),  # means over the ranks
         **learn_metrics,  # already reduced by the learner
         **curriculum_metrics,  # every rank's groups already
-        "holder/p": p,
     }
-    return IterationResult(metrics=metrics, p=p)
+    return IterationResult(metrics=metrics, p=learn_metrics["holder/p"])
 
 
 def without_rows(batch: Batch, drop: np.ndarray) -> Batch:
@@ -187,7 +199,7 @@ def _maybe_resume(cfg: RunConfig, rt: Runtime, learner: Learner) -> int:
     barrier(rt.ctx)
     if not cfg.resume:
         return 0
-    found = resume_checkpoint(cfg.run_dir, learner=learner, ctx=rt.ctx)
+    found = checkpoint.resume_checkpoint(cfg.run_dir, learner=learner)
     if found is None:
         log.warning("resume=true but %s has no checkpoint; starting from iteration 0", cfg.run_dir)
         return 0
@@ -201,12 +213,9 @@ def _save(cfg: RunConfig, rt: Runtime, learner: Learner, it: int, p: float) -> N
     state = checkpoint.TrainingState(
         iteration=it + 1, optimizer_steps=int(learner.scheduler.last_epoch), p=p
     )
-    keep = cfg.trainer.keep
-    if rt.ctx.distributed:  # sharded: every rank writes its shard
-        save_checkpoint(cfg.run_dir, learner=learner, state=state, ctx=rt.ctx, keep=keep)
-        return
-    checkpoint.save(
-        cfg.run_dir, model=rt.model, learner_state=learner.state_dict(), state=state, keep=keep
+    layout = checkpoint.run_layout(rt.ctx)  # one process: model.safetensors; torchrun: shards
+    checkpoint.save_checkpoint(
+        cfg.run_dir, learner=learner, state=state, keep=cfg.trainer.keep, layout=layout
     )
 
 
@@ -243,26 +252,30 @@ def _summary(it: int, total: int, result: IterationResult) -> str:
 
 
 def _write_resolved_config(cfg: RunConfig) -> None:
-    import dataclasses
+    (cfg.run_dir / "run_config.json").write_text(json.dumps(_config_tree(cfg), indent=2))
+
+
+def _config_tree(cfg: RunConfig) -> dict[str, object]:
+    """The resolved run config as plain JSON values (``run_config.json``, the trackers' config)."""
 
     def default(o: object) -> object:
         if isinstance(o, Path):
             return str(o)
         return dict(o) if isinstance(o, Mapping) else repr(o)
 
-    (cfg.run_dir / "run_config.json").write_text(
-        json.dumps(dataclasses.asdict(cfg), indent=2, default=default)
-    )
+    return dict(json.loads(json.dumps(dataclasses.asdict(cfg), default=default)))
 
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def main(tree: DictConfig) -> None:
     """Hydra entry point; a configuration error is printed alone (exit status 2)."""
     with cli_errors(tree):
-        container = to_container(tree)
+        container = with_hydra_run_dir(to_container(tree))
         train(preflight(build_run_config(container)))
 
 
 if __name__ == "__main__":
     register_env_configs()
+    with cli_errors({}):
+        check_renamed(sys.argv[1:])
     main()

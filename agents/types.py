@@ -1,4 +1,4 @@
-"""Typed objects that cross module boundaries: generations, steps, trajectories, the batch.
+"""Typed objects that cross module boundaries: generation, the policy, steps, the batch.
 
 Token conventions: ``prompt_ids`` and ``response_ids`` are plain token-id tuples; a response's
 log-probs are aligned with its ids (``logprobs[i]`` is
@@ -10,11 +10,16 @@ the sequence length ``L`` of ``input_ids`` and position ``t`` describes token ``
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import contextlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+Message = dict[str, str]
+"""One chat message: ``{"role": ..., "content": ...}``."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,52 @@ class Generation:
     """The generator's log-prob of each response token (same length as ``response_ids``)."""
     text: str
     """Decoded response text (special tokens removed)."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the rollout and the evaluator need from a generator (``agents.generation``).
+
+    The conventions every backend keeps (prompt rendering, log-probs, stops, ``allowed``) are in
+    :mod:`agents.generation.base`.
+    """
+
+    tokenizer: Any
+    """The Hugging Face tokenizer (chat template, decode)."""
+    max_context: int
+    """Longest prompt + response, in tokens."""
+    pad_id: int
+    """Padding token id (used by :func:`collate`)."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[Message]],
+        params: SamplingParams,
+        *,
+        allowed: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[Generation]:
+        """One response per chat prompt, in order."""
+        ...
+
+    def prompt_ids(self, prompt: Sequence[Message]) -> list[int]:
+        """Token ids of one rendered chat prompt (generation prompt appended)."""
+        ...
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Make the generator use the weights of the learner's ``model`` (after every update)."""
+        ...
+
+    def generating(self) -> contextlib.AbstractContextManager[None]:
+        """Hold what generation needs during the block.
+
+        A sharded HF model: its gathered parameters; vLLM with sleep mode: the engine awake (asleep
+        again after the block).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the generator holds beyond the training model (an engine)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -98,43 +149,87 @@ class Trajectory:
         return float(sum(s.reward for s in self.steps))
 
 
+_PAD_WITH_ROW_0 = {"pad": "row 0"}
+"""Field metadata: a padding row of :meth:`Batch.pad_rows` repeats row 0 (else it holds 0)."""
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Padded tensors for the learner; one row per step sample (right padding)."""
+    """Padded tensors for the learner; one row per step sample (right padding).
 
-    input_ids: torch.Tensor
+    Every field is a tensor whose first axis is the row; a field with a second axis is per token
+    (that axis is the sequence length ``L``). The methods go over :func:`dataclasses.fields`, so a
+    new field is declared here and nowhere else.
+    """
+
+    input_ids: torch.Tensor = field(metadata=_PAD_WITH_ROW_0)
     """[N, L] prompt + response token ids."""
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor = field(metadata=_PAD_WITH_ROW_0)
     """[N, L] 1 on real tokens, 0 on padding."""
     loss_mask: torch.Tensor
     """[N, L] 1 on generated (response) tokens only."""
     old_logprobs: torch.Tensor
     """[N, L] log-prob of each token under the policy that generated it (0 off the loss mask)."""
     advantages: torch.Tensor
-    """[N] one advantage per row (per step sample)."""
-    seq_ids: torch.Tensor
-    """[N] index of the row's step sample in the flat list given to :func:`collate`."""
+    """[N] one advantage per row (per step sample), or [N, L] one per token."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def _map(self, fn: Callable[[Field[Any], torch.Tensor], torch.Tensor]) -> Batch:
+        """A batch of ``fn(field, tensor)`` for every field."""
+        return Batch(**{f.name: fn(f, getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Every tensor on ``device``."""
+        return self._map(lambda _, t: t.to(device))
+
     def select(self, rows: torch.Tensor) -> Batch:
         """The sub-batch of the given row indices (mini-batches), trimmed to its longest row."""
-        mask = self.attention_mask[rows]
-        length = max(int(mask.sum(dim=1).max().item()), 1) if len(rows) else 1
-        return Batch(
-            input_ids=self.input_ids[rows, :length],
-            attention_mask=mask[:, :length],
-            loss_mask=self.loss_mask[rows, :length],
-            old_logprobs=self.old_logprobs[rows, :length],
-            advantages=self.advantages[rows],
-            seq_ids=self.seq_ids[rows],
-        )
+        real = self.attention_mask[rows].sum(dim=1)  # [n]
+        length = max(int(real.max().item()), 1) if len(rows) else 1
+        return self._map(lambda _, t: t[rows, :length] if t.dim() > 1 else t[rows])
+
+    def pad_rows(self, rows: int) -> Batch:
+        """This batch with empty rows appended up to ``rows`` rows (no loss token, advantage 0).
+
+        A padding row repeats row 0's tokens and attention (so its forward pass is well defined)
+        and holds 0 in every other field: it adds nothing to the loss, its normaliser or the
+        gradient.
+        """
+        extra = rows - len(self)
+        if extra < 0:
+            raise ValueError(f"cannot pad a batch of {len(self)} rows down to {rows}")
+        if extra == 0:
+            return self
+        if len(self) == 0:
+            raise ValueError("cannot pad an empty batch: every rank needs at least one row")
+
+        def grow(f: Field[Any], t: torch.Tensor) -> torch.Tensor:
+            pad = t[:1].expand(extra, *t.shape[1:]).clone()  # [extra, ...]
+            if f.metadata.get("pad") != "row 0":
+                pad.zero_()
+            return torch.cat([t, pad])
+
+        return self._map(grow)
+
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rank ``rank``'s rows of a batch every rank holds: a contiguous chunk, padded to ⌈N/W⌉.
+
+        Contiguous chunks keep the rows of one group together; every rank ends with the same number
+        of rows, so every rank runs the same number of micro-batches.
+        """
+        n = len(self)
+        if n < world_size:
+            raise ValueError(f"a batch of {n} rows cannot feed {world_size} ranks; collect more")
+        chunks = torch.arange(n).tensor_split(world_size)
+        mine = chunks[rank].to(self.input_ids.device)
+        return self._map(lambda _, t: t[mine]).pad_rows(len(chunks[0]))
 
 
 def collate(
     steps: Sequence[Step],
-    advantages: Sequence[float],
+    advantages: Sequence[float] | np.ndarray | torch.Tensor,
     *,
     pad_id: int,
     max_length: int | None = None,
@@ -143,7 +238,7 @@ def collate(
 
     Args:
         steps: N step samples.
-        advantages: N advantages, one per step.
+        advantages: [N] advantages, one per step (an array, a tensor or floats).
         pad_id: token id used for padding.
         max_length: drop the oldest prompt tokens of rows longer than this (the response is kept).
 
@@ -171,8 +266,7 @@ def collate(
         attention_mask=attention,
         loss_mask=loss_mask,
         old_logprobs=old,
-        advantages=torch.tensor(list(advantages), dtype=torch.float32),
-        seq_ids=torch.arange(n),
+        advantages=torch.as_tensor(advantages, dtype=torch.float32).clone(),  # [N]
     )
 
 

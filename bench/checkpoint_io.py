@@ -33,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
-from agents.config import TrainerSection
+from agents.config import build_trainer
 from agents.generation.models import load_policy_model
 from agents.train import _due
 from agents.training import checkpoint
@@ -139,15 +140,20 @@ def measure(learner: Learner, repeats: int) -> dict[str, tuple[int, float, float
     return out
 
 
+ROOT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "config.yaml"
+"""The root config, whose ``trainer:`` block holds the default run's values."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    iterations = TrainerSection().iterations
+    trainer, _ = build_trainer(yaml.safe_load(ROOT_CONFIG.read_text())["trainer"])  # the defaults
+    iterations = trainer.iterations
     saves_before = sum(_due(it, 1, iterations) for it in range(iterations))
-    saves_now = sum(_due(it, TrainerSection().save_every, iterations) for it in range(iterations))
+    saves_now = sum(_due(it, trainer.save_every, iterations) for it in range(iterations))
     print(f"model {args.model}, median of {args.repeats} saves/loads, CPU")
     print("| training | format | size MiB | save s | load s | size ratio | save ratio |")
     print("|---|---|---:|---:|---:|---:|---:|")

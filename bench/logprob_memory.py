@@ -78,9 +78,8 @@ def _batch(args: argparse.Namespace, mask: str) -> Any:
         "loss_mask": loss_mask,
         "old_logprobs": torch.zeros(n, length),
         "advantages": torch.randn(n, generator=g),
-        "seq_ids": torch.arange(n),
     }
-    return Batch(**{k: v.to(args.device) for k, v in fields.items()})
+    return Batch(**fields).to(args.device)
 
 
 class _RssPeak:

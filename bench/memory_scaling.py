@@ -54,14 +54,8 @@ def _worker(rank: int, world: int, port: int, model_name: str, rows: int, length
     import psutil
 
     from agents.generation.models import load_policy_model
-    from agents.training.distributed import (
-        DistributedLearner,
-        close_distributed,
-        init_local_process,
-        shard_batch,
-        shard_model,
-    )
-    from agents.training.learner import LearnerConfig
+    from agents.training.distributed import close_distributed, init_local_process, shard_model
+    from agents.training.learner import Learner, LearnerConfig
     from agents.types import Batch
     from holderpo.loss import PRESETS
 
@@ -70,7 +64,7 @@ def _worker(rank: int, world: int, port: int, model_name: str, rows: int, length
         model, tokenizer = load_policy_model(model_name, device="cpu", dtype=torch.float32)
         model = shard_model(model, ctx)
         cfg = LearnerConfig(mini_batch_size=rows, micro_batch_size=rows // 2, lr=1e-6)
-        learner = DistributedLearner(model, PRESETS["grpo"], cfg, ctx)
+        learner = Learner(model, PRESETS["grpo"], cfg, ctx)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(4, len(tokenizer), (rows, length), generator=g)
         loss_mask = torch.zeros(rows, length)
@@ -81,9 +75,8 @@ def _worker(rank: int, world: int, port: int, model_name: str, rows: int, length
             loss_mask=loss_mask,
             old_logprobs=torch.zeros(rows, length),
             advantages=torch.randn(rows, generator=g),
-            seq_ids=torch.arange(rows),
         )
-        learner.update(shard_batch(batch, ctx), p=1.0)
+        learner.update(batch.shard(ctx.rank, ctx.world_size), p=1.0)
         figures = _state_bytes(learner)
         figures["state"] = sum(figures.values())
         figures["rss_now"] = psutil.Process().memory_info().rss

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from agents.generation.hf import HFPolicy
 from agents.generation.models import enable_gradient_checkpointing, load_policy_model, tiny_corpus
-from agents.generation.policy import HFPolicy
 from agents.training.learner import Learner, LearnerConfig, token_logprobs
 from agents.types import Batch, SamplingParams
 from holderpo.loss import PRESETS
@@ -107,7 +107,6 @@ def rows_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad: int
         loss_mask=loss,
         old_logprobs=torch.zeros((n, length)),
         advantages=torch.linspace(-1.0, 1.0, n),
-        seq_ids=torch.arange(n),
     )
 
 

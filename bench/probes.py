@@ -672,7 +672,7 @@ def _fallback_case(
     with ``damage(folder, layout)``; resume must take ckpt-000002 and warn with ``reason``."""
     import torch
 
-    from agents.training.distributed import resume_checkpoint
+    from agents.training.checkpoint import resume_checkpoint
 
     layout, folder, weights = run
 
@@ -703,7 +703,7 @@ def _crafted(marker: Path) -> Callable[[Path, str], object]:
 def _evaluation_weights_case(run: Path, cache: Path, marker: Path) -> tuple[str, str]:
     """Evaluation loads the weights of a checkpoint whose trainer state is crafted."""
     from agents.generation.models import load_policy_model
-    from agents.training.distributed import load_model_weights
+    from agents.training.checkpoint import load_model_weights
 
     with tempfile.TemporaryDirectory(prefix="probe-ckpt-") as tmp:
         copy = Path(tmp) / "run"
@@ -727,7 +727,7 @@ def _cli_cases(cache: Path, root: Path, tally: Tally, rows: list[str]) -> None:
             raise RuntimeError(f"the training run failed: {proc.stderr[-600:]}")
         _plant_hostile_trainer_state(run_dir / "ckpt-000002", marker)
         args = ["env=alfworld", f"checkpoint={run_dir / 'ckpt-000002'}", "episodes=1"]
-        proc, _ = _cli("agents.evaluate", [*args, "max_steps=1"], cache, eval_root)
+        proc, _ = _cli("agents.evaluate", [*args, "max_turns=1"], cache, eval_root)
         if marker.exists():
             return WRONG, "agents.evaluate ran the crafted pickle"
         if proc.returncode != 0:

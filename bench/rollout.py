@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.generation.hf import HFPolicy  # noqa: E402
 from agents.generation.models import load_policy_model  # noqa: E402
-from agents.generation.policy import HFPolicy  # noqa: E402
 from agents.rollout.env_pool import EnvFactory, EnvPool, RayEnvPool, SerialEnvPool, init_ray  # noqa: E402
-from agents.rollout.manager import RolloutConfig, collect, load_template  # noqa: E402
+from agents.rollout.manager import RolloutConfig, collect  # noqa: E402
+from agents.rollout.prompts import load_template  # noqa: E402
 
 
 class OneAtATime:

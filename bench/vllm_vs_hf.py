@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from agents.generation.hf import HFPolicy  # noqa: E402
 from agents.generation.models import load_policy_model, resolve_model  # noqa: E402
-from agents.generation.policy import HFPolicy, VLLMPolicy  # noqa: E402
+from agents.generation.vllm import VLLMPolicy  # noqa: E402
 from agents.types import Generation, SamplingParams  # noqa: E402
 
 TASKS = [

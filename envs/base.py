@@ -14,6 +14,9 @@ Info schema (every ``reset`` and ``step`` returns these keys; see :class:`InfoKe
 * ``subtask`` (``str``): the task family (ALFWorld: pick, look, clean, heat, cool, pick_two;
   math: the benchmark name).
 * ``action_valid`` (``bool``): the last action was understood by the env (``True`` after reset).
+
+:func:`envs.make` wraps every env in :class:`envs.checker.EnvChecker`, which raises on the first
+``reset`` or ``step`` that breaks this schema, naming the env and the key.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ class TextEnv(gym.Env[str, str]):
         """The subtask (``info["subtask"]``) of each task of the list, or None.
 
         Known before playing, it lets a curriculum keep one state per subtask.
+        """
+        return None
+
+    @property
+    def subtasks(self) -> tuple[str, ...] | None:
+        """The subtasks (``info["subtask"]`` values) this env plays, in the order reports list them.
+
+        An evaluation report lists each of them, with or without episodes, then any other it met;
+        None: the report lists the ones met, sorted.
         """
         return None
 

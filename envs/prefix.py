@@ -16,7 +16,7 @@ Each replayed action is the env's ``expert_action()`` when it has one, else the 
 the info's ``expert_plan``. The replayed steps go through the env's own ``step``, so they count
 towards the env's step limit (the env sees one ordinary episode from its start; ALFWorld's
 ``info["steps"]`` includes them); a replay that the env truncates raises an error naming the
-limit. They are not the policy's turns: ``rollout.max_steps`` counts only the turns after them.
+limit. They are not the policy's turns: ``rollout.max_turns`` counts only the turns after them.
 
 Info keys added by a prefixed reset (the step infos of that episode repeat the three numbers):
 

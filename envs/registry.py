@@ -8,7 +8,8 @@ whose value is a callable returning a :class:`gymnasium.Env` (usually the env cl
         my_env = my_package.envs:MyEnv
 
 Plugins are loaded once, on the first :func:`make` or :func:`registered` call (or an explicit
-:func:`load_plugins`).
+:func:`load_plugins`). Every env :func:`make` builds comes wrapped in
+:class:`envs.checker.EnvChecker`, which checks the info contract on its first reset and step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from importlib import metadata
 from typing import Any
 
 import gymnasium as gym
+
+from envs.checker import EnvChecker
 
 ENTRY_POINT_GROUP = "holderpo.envs"
 
@@ -95,11 +98,15 @@ def registered() -> list[str]:
 
 
 def make(name: str, **kwargs: Any) -> gym.Env:
-    """Build the environment registered as ``name`` with ``kwargs``."""
+    """Build the environment registered as ``name`` with ``kwargs``, wrapped in the checker.
+
+    The :class:`~envs.checker.EnvChecker` checks the first ``reset`` and ``step`` against the
+    info contract of ``envs/base.py`` and otherwise changes nothing (``.unwrapped`` is the env).
+    """
     load_plugins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown environment {name!r}; registered: {sorted(_REGISTRY)}")
-    return _resolve(_REGISTRY[name].entry)(**kwargs)
+    return EnvChecker(_resolve(_REGISTRY[name].entry)(**kwargs), name)
 
 
 def _resolve(entry: str | EnvFactory) -> EnvFactory:

@@ -47,6 +47,10 @@ class StepSamples:
     cut: np.ndarray | None = None
     """[N] bool, True on every step of a trajectory that its env worker cut (its outcome is not
     the policy's); ``None``: no cut. Their whole task group is left out (:attr:`trainable`)."""
+    steps: tuple[Any, ...] = ()
+    """[N] the step objects themselves (:meth:`from_trajectories`), in sample order: what the
+    learner's batch is collated from, so its rows and the advantages come from one flattening;
+    empty when the samples were built from arrays."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", np.asarray(self.rewards, dtype=np.float64))
@@ -57,6 +61,9 @@ class StepSamples:
         n = len(self.anchors)
         cut = np.zeros(n, dtype=bool) if self.cut is None else np.asarray(self.cut, dtype=bool)
         object.__setattr__(self, "cut", cut)
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if self.steps and len(self.steps) != n:
+            raise ValueError(f"StepSamples.steps has {len(self.steps)} entries; expected {n}")
         shapes = {
             k: getattr(self, k).shape
             for k in ("rewards", "group_ids", "traj_ids", "invalid", "cut")
@@ -91,15 +98,18 @@ class StepSamples:
             traj_ids=self.traj_ids[keep],
             invalid=self.invalid[keep],
             cut=self.cut[keep],
+            steps=tuple(s for s, k in zip(self.steps, keep.tolist(), strict=False) if k),
         )
 
     @classmethod
     def from_trajectories(cls, trajectories: Iterable[Any]) -> StepSamples:
         """Flatten trajectories (``agents.types.Trajectory`` or alike), steps in time order.
 
-        Each trajectory needs ``traj_id``, ``group_id`` and ``steps``; each step ``reward``,
-        ``anchor`` and ``action_valid``, and may have an ``info`` mapping: a trajectory with a
-        step whose info sets :data:`CUT_INFO_KEY` is marked ``cut`` on all of its steps.
+        This is the one flattening of a rollout: the step objects are kept in :attr:`steps`, in
+        the order of the arrays. Each trajectory needs ``traj_id``, ``group_id`` and ``steps``;
+        each step ``reward``, ``anchor`` and ``action_valid``, and may have an ``info`` mapping: a
+        trajectory with a step whose info sets :data:`CUT_INFO_KEY` is marked ``cut`` on all of
+        its steps.
         """
         trajectories = list(trajectories)
         rows = [(t.group_id, t.traj_id, s) for t in trajectories for s in t.steps]
@@ -111,6 +121,7 @@ class StepSamples:
             traj_ids=np.array([t for _, t, _ in rows], dtype=np.int64),
             invalid=np.array([not s.action_valid for _, _, s in rows], dtype=bool),
             cut=np.array([t in cut_trajs for _, t, _ in rows], dtype=bool),
+            steps=tuple(s for _, _, s in rows),
         )
 
 

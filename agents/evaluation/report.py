@@ -4,7 +4,9 @@ One :class:`EpisodeResult` per evaluated episode goes in; :func:`summarise` give
 rate and a 95 % Wilson score interval per subtask and overall, and the valid-step rate: the share
 of the subtask's steps whose action the env accepted (``info["action_valid"]``: ALFWorld an
 admissible command, math a parsable final answer), summed over its episodes, so that long
-episodes weigh by their steps as in ``rollout/invalid_action_rate``.
+episodes weigh by their steps as in ``rollout/invalid_action_rate``. The subtasks come in the
+order the caller gives (the env's declared ``subtasks``), then the others met; nothing here knows
+an env.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-ALFWORLD_SUBTASKS = ("pick", "look", "clean", "heat", "cool", "pick_two")
-"""ALFWorld's six task families, in the order reports list them."""
 
 _LABELS = {"pick_two": "pick two"}
 OVERALL = "overall"

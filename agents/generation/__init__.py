@@ -1,4 +1,6 @@
 """Generation: the Policy backends (transformers, vLLM) and the model loaders.
 
-A backend turns prompts into responses; the runtime picks one by ``rollout.backend``.
+``base`` (chat rendering, request checks, the weight-sync types), ``hf`` and ``vllm`` (one backend
+each), ``backends`` (``rollout.backend`` name -> builder), ``models`` (built-in and hub models).
+Nothing here imports rollout or training: the runtime hands a backend what it needs.
 """

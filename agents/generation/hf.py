@@ -1,124 +1,26 @@
-r"""Policies: batched generation from chat prompts, with log-probs, stop strings and constraints.
+"""The transformers backend: batched sampling with the training model itself, CPU or GPU.
 
-One protocol, :class:`Policy`, and two backends, registered in :data:`BACKENDS` under the names
-``rollout.backend`` takes (``hf``, ``vllm``):
-
-* :class:`HFPolicy`: transformers, CPU or GPU. The generator *is* the training model (same object),
-  so :meth:`HFPolicy.sync` has nothing to copy. The sampling loop is written here: left-padded
-  batch, position ids from the attention mask, one prefill (each distinct prompt once, only the
-  last position through the output head), then one forward per new token with a KV cache
-  allocated once.
-* :class:`VLLMPolicy`: vLLM (the ``vllm`` extra, ``pip install "holderpo-agents[vllm]"``),
-  colocated with the learner on one GPU; :meth:`VLLMPolicy.sync` pushes the learner's weights after
-  each update.
-
-Weight sync, the seam between learner and generator, has two halves: a :data:`WeightExport`
-(learner model -> full, base-named tensors: the plain state dict, LoRA merged, FSDP2 gathered;
-chosen by ``agents.run.runtime``) and the generator's ``load_weights`` (in place for the colocated
-engine; a server engine would receive the same tensors over the wire, see ``docs/scale_out.md``).
-
-Conventions shared by both backends:
-
-* Prompts are chat messages (``[{"role": ..., "content": ...}, ...]``) rendered with the tokenizer's
-  chat template and ``add_generation_prompt=True``. A tokenizer without a template gets the fallback
-  of :func:`render_chat` (``"<role>: <content>\n"`` per message, then ``"assistant: "``).
-* ``Generation.logprobs`` are log-probs of the sampled tokens under the model's temperature-scaled
-  distribution, ``log_softmax(logits / temperature)`` (temperature 1 for greedy decoding). Top-p
-  truncation and ``allowed`` constraints change which token is drawn but not the reported log-prob:
-  they are the *unconstrained* model's log-probs, the quantity the learner recomputes when it
-  evaluates the policy ratio on the same tokens.
-* A response ends with EOS (kept), with the token that completes the first stop string (kept; the
-  text can run past the stop string by the rest of that token), or at ``max_new_tokens``.
-* ``allowed[i]``, when given, is a list of strings the i-th response must equal exactly. Decoding is
-  restricted to a token trie of the tokenized strings, each followed by EOS. A response cut short by
-  ``max_new_tokens`` is a prefix of an allowed string: give room for the longest one.
+:class:`HFPolicy` *is* the training model (same object), so :meth:`HFPolicy.sync` has nothing to
+copy. The sampling loop is written here: left-padded batch, position ids from the attention mask,
+one prefill (each distinct prompt once, only the last position through the output head), then one
+forward per new token with a KV cache allocated once. ``allowed`` responses are decoded through a
+:class:`TokenTrie` of their tokens. The conventions every backend keeps are in
+:mod:`agents.generation.base`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import inspect
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from agents.generation.base import ChatPolicy, GatherWeights
 from agents.types import Generation, SamplingParams
-
-Message = dict[str, str]
-"""One chat message: ``{"role": ..., "content": ...}``."""
-
-VLLM_INSTALL: Final = 'pip install "holderpo-agents[vllm]"'
-
-WeightExport = Callable[[torch.nn.Module], Mapping[str, torch.Tensor]]
-"""Learner model -> the full weights under the base model's checkpoint names (what a generator
-that holds its own copy loads)."""
-
-VLLM_MODES: Final = ("colocate",)
-"""Values of ``rollout.vllm.mode`` (a server mode is the next one: ``docs/scale_out.md``)."""
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """What the rollout and the evaluator need from a generator."""
-
-    tokenizer: Any
-    """The Hugging Face tokenizer (chat template, decode)."""
-    max_context: int
-    """Longest prompt + response, in tokens."""
-    pad_id: int
-    """Padding token id (used by :func:`agents.types.collate`)."""
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[Message]],
-        params: SamplingParams,
-        *,
-        allowed: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[Generation]:
-        """One response per chat prompt, in order (see the module docstring for conventions)."""
-        ...
-
-    def prompt_ids(self, prompt: Sequence[Message]) -> list[int]:
-        """Token ids of one rendered chat prompt (generation prompt appended)."""
-        ...
-
-    def sync(self, model: torch.nn.Module) -> None:
-        """Make the generator use the weights of the learner's ``model`` (after every update)."""
-        ...
-
-    def generating(self) -> contextlib.AbstractContextManager[None]:
-        """Hold what generation needs during the block.
-
-        A sharded HF model: its gathered parameters; vLLM with sleep mode: the engine awake (asleep
-        again after the block).
-        """
-        ...
-
-    def close(self) -> None:
-        """Release what the generator holds beyond the training model (an engine)."""
-        ...
-
-
-def render_chat(tokenizer: Any, prompt: Sequence[Message]) -> str:
-    """The prompt text: the chat template with a generation prompt, or the plain fallback."""
-    messages = [dict(m) for m in prompt]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return str(text)
-    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return f"{lines}assistant: "
-
-
-def encode_prompt(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
-    """Token ids of :func:`render_chat` (the template carries its own special tokens)."""
-    return list(tokenizer(render_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
 
 class TokenTrie:
@@ -173,73 +75,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _ChatPolicy:
-    """What both backends share: chat prompts to token ids, and the checks of a request."""
-
-    tokenizer: Any
-    max_context: int
-
-    def prompt_ids(self, prompt: Sequence[Message]) -> list[int]:
-        """Token ids of one rendered chat prompt."""
-        return encode_prompt(self.tokenizer, prompt)
-
-    def close(self) -> None:
-        """Nothing to release (a backend with an engine overrides this)."""
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[Message]],
-        params: SamplingParams,
-        *,
-        allowed: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[Generation]:
-        """One response per prompt (conventions in the module docstring).
-
-        Args:
-            prompts: chat prompts.
-            params: sampling parameters.
-            allowed: per prompt, the responses it may produce (``None``: free text).
-
-        Returns:
-            Generations in the order of ``prompts``.
-
-        Raises:
-            ValueError: when a prompt plus ``max_new_tokens`` exceeds ``max_context`` (truncate the
-                prompt ids, see :meth:`prompt_ids`), ``allowed`` has the wrong length, or the
-                sampling parameters are out of range (temperature <= 0 without greedy, top_p
-                outside (0, 1], max_new_tokens < 1).
-        """
-        if not prompts:
-            return []
-        if allowed is not None and len(allowed) != len(prompts):
-            raise ValueError(f"allowed has {len(allowed)} entries for {len(prompts)} prompts")
-        return self.generate_ids([self.prompt_ids(p) for p in prompts], params, allowed=allowed)
-
-    def generate_ids(
-        self,
-        ids: Sequence[Sequence[int]],
-        params: SamplingParams,
-        *,
-        allowed: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[Generation]:
-        """As :meth:`generate`, from already tokenized (e.g. truncated) prompts."""
-        raise NotImplementedError
-
-    def _check_request(self, ids: Sequence[Sequence[int]], params: SamplingParams) -> None:
-        """Raise ``ValueError`` for bad sampling parameters, empty or over-long prompts."""
-        _check_params(params)
-        for row in ids:
-            if not row:
-                raise ValueError("empty prompt: a prompt needs at least one token")
-            if len(row) + params.max_new_tokens > self.max_context:
-                raise ValueError(
-                    f"prompt of {len(row)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
-                    f"max_context={self.max_context}: truncate the prompt ids (generate_ids) or "
-                    "lower max_new_tokens"
-                )
-
-
-class HFPolicy(_ChatPolicy):
+class HFPolicy(ChatPolicy):
     """The transformers backend; generates with the training model itself."""
 
     def __init__(
@@ -255,6 +91,7 @@ class HFPolicy(_ChatPolicy):
         last_logits_only: bool = True,
         share_prefill: bool = True,
         reserve_cache: bool = True,
+        gather: GatherWeights | None = None,
     ) -> None:
         """Wrap a causal LM and its tokenizer.
 
@@ -275,6 +112,8 @@ class HFPolicy(_ChatPolicy):
                 copied to the duplicates (the rollouts of a group at their first turn).
             reserve_cache: the KV cache is allocated once for prompt + ``max_new_tokens`` and
                 filled in place, instead of being concatenated anew at every token.
+            gather: holds the model's full parameters during :meth:`generating` (a sharded
+                model: the runtime passes FSDP2's gather); default nothing to hold.
         """
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -297,6 +136,7 @@ class HFPolicy(_ChatPolicy):
         self.share_prefill = share_prefill
         self.reserve_cache = reserve_cache
         self._cache_keyword = _cache_keyword(model)
+        self._gather = gather
 
     def sync(self, model: torch.nn.Module) -> None:
         """Nothing to do when ``model`` is the generator itself; else copy its weights."""
@@ -305,10 +145,8 @@ class HFPolicy(_ChatPolicy):
 
     @contextmanager
     def generating(self) -> Iterator[None]:
-        """The full parameters on every rank during the block (FSDP2; else nothing to do)."""
-        from agents.training.distributed import gathered_for_generation
-
-        with gathered_for_generation(self.model):
+        """The full parameters on every rank during the block (``gather``; else nothing to do)."""
+        with self._gather(self.model) if self._gather else contextlib.nullcontext():
             yield
 
     def generate_ids(
@@ -319,7 +157,7 @@ class HFPolicy(_ChatPolicy):
         allowed: Sequence[Sequence[str] | None] | None = None,
     ) -> list[Generation]:
         """As :meth:`generate`, from already tokenized (e.g. truncated) prompts."""
-        self._check_request(ids, params)
+        self.check_request(ids, params)
         eos = self.tokenizer.eos_token_id
         tries = [
             TokenTrie.from_strings(self.tokenizer, a, eos) if a is not None else None
@@ -444,19 +282,6 @@ class _Row:
         if self.trie is not None:
             self.node = self.trie.children[self.node][tok]
             self.done = not self.trie.children[self.node]
-
-
-def _check_params(params: SamplingParams) -> None:
-    """Raise ``ValueError`` on sampling parameters the loop cannot honour."""
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={params.max_new_tokens}: generate at least one token")
-    if not params.greedy and params.temperature <= 0:
-        raise ValueError(
-            f"temperature={params.temperature} with sampling: use a positive temperature, "
-            "or greedy=True for arg-max decoding"
-        )
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"top_p={params.top_p} must be in (0, 1]")
 
 
 def _left_pad(
@@ -593,331 +418,3 @@ def _reserved_layer_class() -> type:
                 self._views()
 
     return ReservedLayer
-
-
-@dataclass(frozen=True)
-class VLLMSettings:
-    """The vLLM engine (``rollout.vllm.*``; used when ``rollout.backend=vllm``)."""
-
-    mode: str = "colocate"
-    """``colocate``: the engine runs in the trainer's process, on its device, and reloads the
-    learner's weights in place after every update (the one mode so far; see :data:`VLLM_MODES`)."""
-    gpu_memory_utilization: float = 0.4
-    """Share of the GPU's memory the engine may take (weights and KV cache); the learner needs the
-    rest. Unused on CPU."""
-    kv_cache_gib: float | None = None
-    """KV-cache size in GiB; ``None``: on GPU what ``gpu_memory_utilization`` leaves, on CPU
-    1 GiB."""
-    sleep: bool = True
-    """Outside generation the engine sleeps (weights offloaded to CPU memory, KV cache freed), so
-    that the update has the GPU; only where the platform has vLLM's sleep mode (CUDA, ROCm),
-    elsewhere the engine stays awake."""
-    enforce_eager: bool | None = None
-    """Skip CUDA graphs and ``torch.compile``; ``None``: yes on CPU, no on GPU."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in VLLM_MODES:
-            raise ValueError(
-                f"rollout.vllm.mode={self.mode!r} is not available; use one of {list(VLLM_MODES)} "
-                "(a server mode is planned: docs/scale_out.md)"
-            )
-        if not 0 < self.gpu_memory_utilization < 1:
-            raise ValueError(
-                f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization} must be in "
-                "(0, 1), e.g. 0.4 (the learner uses the rest of the GPU)"
-            )
-        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
-            raise ValueError(
-                f"rollout.vllm.kv_cache_gib={self.kv_cache_gib} must be > 0 GiB, or null"
-            )
-
-
-class VLLMPolicy(_ChatPolicy):
-    """The vLLM backend (``vllm`` extra): a vLLM engine in this process, beside the learner.
-
-    The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless already set), so that
-    :meth:`sync` hands the learner's tensors to the engine's model without serialising them, and
-    so that no engine process is spawned. Requests are token ids rendered by :func:`encode_prompt`
-    (the same ids as :class:`HFPolicy`). Log-probs come from the engine in ``processed_logprobs``
-    mode: ``log_softmax(logits / temperature)`` of the sampled token, which is the
-    :class:`HFPolicy` quantity when ``top_p == 1`` and no constraint applies. With ``top_p < 1``
-    or ``allowed``, vLLM reports the log-prob of its truncated / masked distribution (a forced
-    token gets 0); the learner's recomputation is the reference there. ``allowed`` uses vLLM's
-    structured outputs (a choice grammar), which admits any tokenization of an allowed string, not
-    only the one :class:`TokenTrie` builds.
-    """
-
-    def __init__(
-        self,
-        model: str | os.PathLike[str],
-        tokenizer: Any = None,
-        *,
-        dtype: str | None = None,
-        gpu_memory_utilization: float = 0.4,
-        kv_cache_gib: float | None = None,
-        max_context: int | None = None,
-        enforce_eager: bool | None = None,
-        seed: int = 0,
-        sleep: bool = False,
-        export: WeightExport | None = None,
-        **engine_kwargs: Any,
-    ) -> None:
-        """Start a vLLM engine on ``model`` (e.g. a directory from ``models.resolve_model``).
-
-        Args:
-            model: model directory or hub id.
-            tokenizer: its Hugging Face tokenizer; default loaded from ``model``.
-            dtype: engine dtype; default ``"bfloat16"`` on GPU and ``"float32"`` on CPU (as
-                ``agents.generation.models.load_policy_model``).
-            gpu_memory_utilization: share of GPU memory for the engine (the learner needs the
-                rest); unused on CPU.
-            kv_cache_gib: KV-cache size in GiB; default: on GPU what ``gpu_memory_utilization``
-                leaves, on CPU 1 GiB.
-            max_context: longest prompt + response; default the model's.
-            enforce_eager: skip CUDA graphs and ``torch.compile``; default True on CPU, False on
-                GPU.
-            seed: engine sampling seed.
-            sleep: sleep outside :meth:`generating` blocks where the platform supports it (see
-                :attr:`VLLMSettings.sleep`); :attr:`sleeps` says whether it does.
-            export: the learner model's weights for :meth:`sync` (default its ``state_dict``;
-                LoRA and FSDP2 need theirs, see ``agents.run.runtime.weight_export``).
-            **engine_kwargs: passed to ``vllm.LLM``.
-
-        Raises:
-            ImportError: when vLLM is not installed (the message names the install command).
-            ValueError: on CPU, when the model's attention head size is one vLLM's CPU attention
-                kernels lack (the message lists the supported sizes).
-        """
-        try:
-            import vllm
-        except ImportError as err:
-            raise ImportError(f"VLLMPolicy needs vLLM: run `{VLLM_INSTALL}`") from err
-        from transformers import AutoTokenizer
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-        if on_cpu:
-            _check_cpu_head_size(model)
-        if kv_cache_gib is None and on_cpu:
-            kv_cache_gib = 1.0
-        if kv_cache_gib is not None:
-            engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * 2**30))
-        self.sleeps = sleep and current_platform.is_sleep_mode_available()
-        """Whether the engine sleeps outside :meth:`generating` blocks."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.llm = vllm.LLM(
-            model=os.fspath(model),
-            dtype=dtype or ("float32" if on_cpu else "bfloat16"),
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_context,
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            enable_sleep_mode=self.sleeps,
-            **engine_kwargs,
-        )
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(os.fspath(model))
-        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
-        self.export: WeightExport = export or _state_dict
-        self._asleep = False
-
-    def generate_ids(
-        self,
-        ids: Sequence[Sequence[int]],
-        params: SamplingParams,
-        *,
-        allowed: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[Generation]:
-        """As :meth:`generate`, from already tokenized (e.g. truncated) prompts."""
-        self._check_request(ids, params)
-        per_prompt = allowed if allowed is not None else [None] * len(ids)
-        requests = [{"prompt_token_ids": [int(t) for t in row]} for row in ids]
-        sampling = [_vllm_sampling(params, a) for a in per_prompt]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        return [
-            self._generation(row, out.outputs[0]) for row, out in zip(ids, outputs, strict=True)
-        ]
-
-    def _generation(self, prompt_ids: Sequence[int], sample: Any) -> Generation:
-        """A :class:`Generation` from a vLLM ``CompletionOutput`` (one log-prob dict per token)."""
-        tokens = [int(t) for t in sample.token_ids]
-        logprobs = [float(step[t].logprob) for step, t in zip(sample.logprobs, tokens, strict=True)]
-        return Generation(
-            prompt_ids=tuple(int(t) for t in prompt_ids),
-            response_ids=tuple(tokens),
-            logprobs=tuple(logprobs),
-            text=str(self.tokenizer.decode(tokens, skip_special_tokens=True)),
-        )
-
-    def sync(self, model: torch.nn.Module) -> None:
-        """Load the learner's weights (:attr:`export` of ``model``) into the engine."""
-        self.load_weights(self.export(model).items())
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full, checkpoint-named weights into the engine's model, then drop cached prefixes.
-
-        The receiving half of the sync seam. Uses the worker's in-place ``reload_weights``
-        (checkpoint names, e.g. separate q/k/v projections, are mapped onto the engine's fused
-        layers, and kernel-specific weight layouts such as the CPU backend's packed GEMM weights
-        are rebuilt); a sleeping engine is woken first.
-        """
-        self._wake()
-        named = [(name, tensor.detach()) for name, tensor in weights]
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
-        )
-        self.llm.reset_prefix_cache()
-
-    @contextmanager
-    def generating(self) -> Iterator[None]:
-        """The engine awake during the block; asleep after it when :attr:`sleeps`.
-
-        Sleep level 1: the weights wait in CPU memory, the KV cache is freed.
-        """
-        self._wake()
-        try:
-            yield
-        finally:
-            if self.sleeps:
-                self.llm.sleep(level=1)
-                self._asleep = True
-
-    def close(self) -> None:
-        """Shut the engine down (with the process group vLLM set up for it, if any)."""
-        self.llm.llm_engine.engine_core.shutdown()
-
-    def _wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
-
-
-def _state_dict(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
-    """The default :data:`WeightExport`: the model's own state dict (no copy)."""
-    return model.state_dict()
-
-
-def _vllm_sampling(params: SamplingParams, allowed: Sequence[str] | None) -> Any:
-    """The vLLM sampling parameters of one request.
-
-    A sampled request's seed is drawn from torch's global generator, so that a run seeded per
-    iteration (``agents.run.runtime.seed_everything``) samples the same responses when resumed.
-    """
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
-
-    structured = StructuredOutputsParams(choice=list(allowed)) if allowed is not None else None
-    return VllmSamplingParams(
-        temperature=0.0 if params.greedy else params.temperature,
-        top_p=1.0 if params.greedy else params.top_p,
-        max_tokens=params.max_new_tokens,
-        stop=list(params.stop),
-        include_stop_str_in_output=True,
-        skip_special_tokens=False,  # stop strings see special tokens, as in HFPolicy
-        logprobs=0,  # the sampled token's log-prob only
-        structured_outputs=structured,
-        seed=None if params.greedy else int(torch.randint(2**31 - 1, ()).item()),
-    )
-
-
-def _check_cpu_head_size(model: str | os.PathLike[str]) -> None:
-    """Raise ``ValueError`` when vLLM's CPU attention has no kernel for the model's head size."""
-    from transformers import AutoConfig
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    config = AutoConfig.from_pretrained(os.fspath(model))
-    text = getattr(config, "text_config", None) or config
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head not in supported:
-        raise ValueError(
-            f"{model}: attention head size {head} is not supported by vLLM's CPU attention "
-            f"(supported: {supported}); use a model with one of these sizes (for the built-in tiny "
-            "model, agents.generation.models.TinyConfig(num_heads=2) gives 32) or HFPolicy"
-        )
-
-
-@dataclass(frozen=True)
-class GeneratorInputs:
-    """What a backend may build its generator from (each takes the parts it needs)."""
-
-    model: torch.nn.Module
-    """The training model (LoRA and FSDP2 applied): the HF generator itself."""
-    tokenizer: Any
-    """Its tokenizer."""
-    source: str | os.PathLike[str]
-    """The model's folder or hub id, for an engine that loads its own copy."""
-    device: torch.device
-    """The learner's device."""
-    dtype: str
-    """``model.dtype`` on GPU, ``float32`` on CPU (an engine's weight dtype)."""
-    autocast_dtype: torch.dtype | None
-    """Mixed-precision dtype of the HF forward passes (``None``: the model's)."""
-    savings: bool
-    """``rollout.generator_savings`` (HF)."""
-    vllm: VLLMSettings
-    """``rollout.vllm.*``."""
-    export: WeightExport
-    """The learner's weights as a separate engine loads them (see :data:`WeightExport`)."""
-    seed: int
-    """Sampling seed of this process (an engine's)."""
-    distributed: bool
-    """More than one process (``torchrun``): each rank builds its own generator."""
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A generator backend: how to build it, and what it needs installed."""
-
-    build: Callable[[GeneratorInputs], Policy]
-    """Builds the generator."""
-    requires: str | None = None
-    """Module that must import (``None``: nothing beyond the core dependencies)."""
-    install: str = ""
-    """Command that installs ``requires``."""
-
-    def missing(self) -> bool:
-        """Whether ``requires`` is not installed."""
-        return self.requires is not None and importlib.util.find_spec(self.requires) is None
-
-
-def _build_hf(inputs: GeneratorInputs) -> Policy:
-    return HFPolicy(
-        inputs.model,
-        inputs.tokenizer,
-        autocast_dtype=inputs.autocast_dtype,
-        last_logits_only=inputs.savings,
-        share_prefill=inputs.savings,
-        reserve_cache=inputs.savings,
-    )
-
-
-def _build_vllm(inputs: GeneratorInputs) -> Policy:
-    settings = inputs.vllm
-    # Under torchrun each rank's engine joins the existing process group as its own replica.
-    launcher: dict[str, Any] = {}
-    if inputs.distributed:
-        launcher["distributed_executor_backend"] = "external_launcher"
-    return VLLMPolicy(
-        inputs.source,
-        inputs.tokenizer,
-        dtype=inputs.dtype,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        kv_cache_gib=settings.kv_cache_gib,
-        enforce_eager=settings.enforce_eager,
-        seed=inputs.seed,
-        sleep=settings.sleep,
-        export=inputs.export,
-        **launcher,
-    )
-
-
-BACKENDS: Final[Mapping[str, Backend]] = MappingProxyType(
-    {
-        "hf": Backend(_build_hf),
-        "vllm": Backend(_build_vllm, requires="vllm", install=VLLM_INSTALL),
-    }
-)
-"""Generator backends by ``rollout.backend`` name."""

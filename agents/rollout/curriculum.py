@@ -24,8 +24,9 @@ Reverse curricula from a demonstration: Salimans & Chen 2018, "Learning Montezum
 single demonstration"; Resnick et al. 2018, "Backplay"; Florensa et al. 2017, "Reverse curriculum
 generation for reinforcement learning".
 
-Evaluation never uses a sampler: it plays its own fixed task list (``agents.evaluate.eval_seeds``),
-at the stages ``curriculum.eval_stages`` (``k`` values, ``full`` for the ordinary game).
+Evaluation never uses a sampler: it plays its own fixed task list
+(``agents.evaluation.episodes.eval_tasks``), at the stages ``curriculum.eval_stages`` (``k``
+values, ``full`` for the ordinary game).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import os
 import re
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, get_args
@@ -47,7 +48,6 @@ from agents.rollout.manager import group_seed
 from envs.prefix import EXPERT_PLAN_LENGTH, EXPERT_REMAINING
 
 if TYPE_CHECKING:
-    from agents.training.distributed import DistContext
     from agents.types import Trajectory
 
 FULL: Final = "full"
@@ -64,7 +64,6 @@ Scope = Literal["task", "subtask", "shared"]
 SCOPES: Final = get_args(Scope)
 
 _STATE_NAME = re.compile(r"^state-(\d{6})\.json$")
-_CKPT_NAME = re.compile(r"^ckpt-(\d{6})$")
 _EPS = 1e-9  # a success rate equal to the threshold advances despite float rounding
 
 Stage = int | None
@@ -484,32 +483,36 @@ def env_tasks(name: str, kwargs: Mapping[str, Any]) -> tuple[int | None, tuple[s
     return (int(n) if n else None), (tuple(subtasks) if n and subtasks else None)
 
 
+GatherOutcomes = Callable[[list[GroupOutcome]], list[GroupOutcome]]
+"""Every rank's outcomes in rank order from this rank's (the runtime passes the collective)."""
+
+
 def observe(
     sampler: TaskSampler,
     tasks: Sequence[Task],
     trajectories: Sequence[Trajectory],
-    ctx: DistContext,
+    gather: GatherOutcomes | None = None,
 ) -> dict[str, float]:
-    """Show the sampler every rank's outcomes (gathered in rank order); its metrics."""
+    """Show the sampler every rank's outcomes (``gather``: one process when None); its metrics."""
     if not sampler.stateful:
         return sampler.observe([])
     outcomes = group_outcomes(tasks, trajectories)
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        gathered: list[list[GroupOutcome] | None] = [None] * ctx.world_size
-        dist.all_gather_object(gathered, outcomes)
-        outcomes = [o for part in gathered for o in part or ()]
-    return sampler.observe(outcomes)
+    return sampler.observe(gather(outcomes) if gather is not None else outcomes)
 
 
 def save_state(
-    sampler: TaskSampler, run_dir: Path, iteration: int, *, enabled: bool = True
+    sampler: TaskSampler,
+    run_dir: Path,
+    iteration: int,
+    *,
+    checkpoints: Sequence[int] = (),
+    enabled: bool = True,
 ) -> None:
     """Write the sampler's state after ``iteration`` iterations (before that checkpoint).
 
     ``<run_dir>/curriculum/state-<iteration>.json`` is written under a temporary name and renamed
-    into place; states older than the oldest checkpoint folder are removed.
+    into place; states older than the oldest of ``checkpoints`` (the iterations of the run's
+    checkpoint folders) are removed.
     """
     if not enabled or not sampler.stateful:
         return
@@ -522,9 +525,7 @@ def save_state(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / f"state-{iteration:06d}.json")
-    from agents.training.checkpoint import all_checkpoints
-
-    kept = [int(m.group(1)) for p in all_checkpoints(run_dir) if (m := _CKPT_NAME.match(p.name))]
+    kept = list(checkpoints)
     if not kept:  # nothing to resume from yet: keep every state
         return
     for p in folder.iterdir():

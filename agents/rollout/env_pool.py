@@ -31,6 +31,7 @@ from typing import Any, Final
 import gymnasium as gym
 
 import envs
+from envs.base import InfoKeys
 from envs.prefix import ExpertPrefix
 
 WORKER_FAILED: Final = "worker_failed"
@@ -366,7 +367,7 @@ class RayEnvPool(EnvPool):
             out.update(zip(glob, results, strict=True))
         for i, (_, info) in out.items():
             self._lost.discard(i)
-            self._subtask[i] = info.get("subtask", "")
+            self._subtask[i] = info[InfoKeys.SUBTASK]
         return [out[i] for i in env_indices]
 
     def step(self, env_indices: Sequence[int], actions: Sequence[str]) -> list[StepResult]:
@@ -446,11 +447,11 @@ class RayEnvPool(EnvPool):
     def _failed(self, i: int) -> StepResult:
         """The truncated result of an episode lost with its actor (info schema kept)."""
         info = {
-            "admissible_actions": [],
-            "anchor": _FAILED_ANCHOR,
-            "won": False,
-            "subtask": self._subtask.get(i, ""),
-            "action_valid": False,
+            InfoKeys.ADMISSIBLE_ACTIONS: [],
+            InfoKeys.ANCHOR: _FAILED_ANCHOR,
+            InfoKeys.WON: False,
+            InfoKeys.SUBTASK: self._subtask.get(i, ""),
+            InfoKeys.ACTION_VALID: False,
             WORKER_FAILED: True,
         }
         return StepResult("", 0.0, False, True, info)

@@ -1,283 +1,47 @@
 """Multi-turn rollouts: prompts from templates, one batched generation per turn, parsed actions.
 
+The policy is any :class:`agents.types.Policy` (the runtime builds one from
+:mod:`agents.generation`); prompt templates live in :mod:`agents.rollout.prompts`.
+
 :class:`RolloutManager.collect` plays ``num_groups × group_size`` episodes on an
 :class:`~agents.rollout.env_pool.EnvPool`. Group ``g`` uses envs ``g*n .. g*n+n-1``, all reset with
 one seed
 derived from the rollout seed and ``g`` (so they play the same game), or with the seeds and reset
 options a task sampler chose (:mod:`agents.rollout.curriculum`). Every turn:
 
-1. one prompt per active env, built from its :class:`PromptTemplate` (task, a window of the last
+1. one prompt per active env, built from its
+   :class:`~agents.rollout.prompts.PromptTemplate` (task, a window of the last
    ``history_window`` (observation, action) pairs, the current observation, the admissible
    actions) and fitted to ``policy.max_context - max_new_tokens`` (oldest history dropped first,
-   then the head of the observation, then the head of the task: see :func:`fit_prompt`);
+   then the head of the observation, then the head of the task: see
+   :func:`~agents.rollout.prompts.fit_prompt`);
 2. one ``policy.generate`` call for all of them;
 3. each response becomes an action as the template's ``action_format`` says (``tag``: the content of
    ``<action>…</action>``, checked against the admissible list when the env gives one; ``raw``: the
    whole response); a response that does not parse is sent to the env as it is and marked invalid;
 4. one ``pool.step`` call for all of them; finished episodes leave the batch.
 
-At ``max_steps`` the unfinished episodes end with their last step marked truncated. The metrics
+At ``max_turns`` the unfinished episodes end with their last step marked truncated. The metrics
 (``rollout/…``) are documented in ``docs/rollout.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import string
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
-import yaml
 
-from agents.generation.policy import Message, Policy
 from agents.rollout.env_pool import WORKER_FAILED, EnvPool, ResetOptions, StepResult
-from agents.types import Generation, SamplingParams, Step, Trajectory
+from agents.rollout.prompts import PromptState, PromptTemplate, fit_prompt, read_task
+from agents.types import Generation, Message, Policy, SamplingParams, Step, Trajectory
+from envs.base import InfoKeys
 from envs.parsing import parse_action
 from envs.prefix import PREFIX_HISTORY
-
-ACTION_FORMATS: Final = ("tag", "raw")
-"""``tag``: the action is the content of ``<action>…</action>``; ``raw``: the whole response."""
-
-TRUNCATION_MARK: Final = "..."
-"""Put in front of an observation or task whose head was cut to fit the context."""
-
-_FIRST_FIELDS: Final = frozenset({"observation", "admissible_actions", "response_format"})
-_TURN_FIELDS: Final = _FIRST_FIELDS | {"task", "step", "current_step", "history", "history_length"}
-_ENTRY_FIELDS: Final = frozenset({"index", "observation", "action"})
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """How one env's state becomes a chat prompt and a response becomes an action.
-
-    Templates are ``str.format`` strings (write literal braces as ``{{``/``}}``); the fields each
-    may use are listed per attribute. Loaded from ``configs/prompts/<name>.yaml`` by
-    :func:`load_template`.
-    """
-
-    name: str
-    """Template name (the YAML file's stem)."""
-    first_turn: str
-    """User message of the first turn: ``{observation}``, ``{admissible_actions}``,
-    ``{response_format}``."""
-    turn: str
-    """User message of later turns: the first-turn fields and ``{task}``, ``{step}`` (steps taken),
-    ``{current_step}`` (step + 1), ``{history}``, ``{history_length}`` (pairs shown)."""
-    action_format: str = "tag"
-    """``tag`` | ``raw`` (see :data:`ACTION_FORMATS`)."""
-    system: str = ""
-    """System message ("" for none)."""
-    history_entry: str = "[{index}] {observation} -> {action}"
-    """One (observation, action) pair of the history: ``{index}`` (1-based step), ``{observation}``,
-    ``{action}``."""
-    history_separator: str = "\n"
-    """Between history entries."""
-    admissible_item: str = "{action}"
-    """One admissible action in ``{admissible_actions}``: ``{action}``."""
-    admissible_separator: str = ", "
-    """Between admissible actions."""
-    response_format: str = ""
-    """The instruction on how to answer (``{response_format}``)."""
-    require_think: bool = False
-    """A ``tag`` response also needs ``<think>…</think>`` before the action to be valid (not
-    checked under constrained decoding, which emits the action tag only)."""
-    task_pattern: str = ""
-    """Regex whose first group reads the task from the first observation ("": the whole first
-    observation is the task)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings added to the sampling parameters (e.g. ``</action>``)."""
-
-    def __post_init__(self) -> None:
-        if self.action_format not in ACTION_FORMATS:
-            raise ValueError(
-                f"prompt template {self.name!r}: action_format={self.action_format!r}; "
-                f"use one of {ACTION_FORMATS}"
-            )
-        _check_fields(self.name, "first_turn", self.first_turn, _FIRST_FIELDS)
-        _check_fields(self.name, "turn", self.turn, _TURN_FIELDS)
-        _check_fields(self.name, "history_entry", self.history_entry, _ENTRY_FIELDS)
-        _check_fields(self.name, "admissible_item", self.admissible_item, frozenset({"action"}))
-        object.__setattr__(self, "stop", tuple(self.stop))
-
-
-def _check_fields(name: str, key: str, text: str, allowed: frozenset[str]) -> None:
-    """Raise when ``text`` uses a format field outside ``allowed``."""
-    used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    unknown = used - allowed
-    if unknown:
-        raise ValueError(
-            f"prompt template {name!r}: {key} uses unknown fields {sorted(unknown)}; "
-            f"allowed: {sorted(allowed)} (write literal braces as {{{{ }}}})"
-        )
-
-
-def load_template(name: str) -> PromptTemplate:
-    """The template of ``configs/prompts/<name>.yaml`` (shipped with the package)."""
-    folder = resources.files("configs") / "prompts"
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.is_file())
-        raise KeyError(f"no prompt template {name!r}; available: {known}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    fields = {f.name for f in dataclasses.fields(PromptTemplate)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
-    return PromptTemplate(**data)
-
-
-@dataclass(frozen=True)
-class PromptState:
-    """What the prompt of one turn shows."""
-
-    task: str
-    """The task (read from the first observation by the template's ``task_pattern``)."""
-    history: tuple[tuple[str, str], ...]
-    """Every (observation, action) pair so far, oldest first (the window is applied later)."""
-    observation: str
-    """The current observation."""
-    admissible: tuple[str, ...]
-    """The admissible actions (empty when the env accepts any text)."""
-
-
-def read_task(template: PromptTemplate, first_observation: str) -> str:
-    """The task text: the template's ``task_pattern`` group, else the whole first observation."""
-    if template.task_pattern:
-        found = re.search(template.task_pattern, first_observation)
-        if found:
-            return found.group(1).strip()
-    return first_observation
-
-
-def build_prompt(
-    template: PromptTemplate, state: PromptState, *, window: int | None
-) -> list[Message]:
-    """The chat prompt of one turn, showing the last ``window`` history pairs (None/-1: all)."""
-    step = len(state.history)
-    shown = _window(state.history, window)
-    actions = template.admissible_separator.join(
-        template.admissible_item.format(action=a) for a in state.admissible
-    )
-    common = {
-        "observation": state.observation,
-        "admissible_actions": actions,
-        "response_format": template.response_format,
-    }
-    if step == 0:
-        user = template.first_turn.format(**common)
-    else:
-        first_index = step - len(shown) + 1
-        history = template.history_separator.join(
-            template.history_entry.format(index=first_index + k, observation=o, action=a)
-            for k, (o, a) in enumerate(shown)
-        )
-        user = template.turn.format(
-            **common,
-            task=state.task,
-            step=step,
-            current_step=step + 1,
-            history=history,
-            history_length=len(shown),
-        )
-    system = [{"role": "system", "content": template.system}] if template.system else []
-    return [*system, {"role": "user", "content": user}]
-
-
-def _window(history: Sequence[tuple[str, str]], window: int | None) -> Sequence[tuple[str, str]]:
-    if window is None or window < 0:
-        return history
-    return history[len(history) - window :] if window else ()
-
-
-def fit_prompt(
-    template: PromptTemplate,
-    state: PromptState,
-    *,
-    window: int | None,
-    budget: int,
-    count_tokens: Callable[[list[Message]], int],
-) -> list[Message]:
-    """The prompt of :func:`build_prompt` cut to at most ``budget`` tokens where it can be.
-
-    Cuts, in order, until the prompt fits: the oldest history pairs (down to none), then the head of
-    the observation, then the head of the task, and last the head of the whole user message (its
-    fixed text and admissible list). Model output never makes this fail; only a budget smaller than
-    the chat template's own tokens raises ``ValueError``.
-
-    Args:
-        template: The env's template.
-        state: What the turn shows.
-        window: History pairs to show at most (None or -1: all).
-        budget: Most prompt tokens.
-        count_tokens: Tokens of a rendered prompt (``len(policy.prompt_ids(prompt))``).
-    """
-    shown = len(_window(state.history, window))
-    for keep in range(shown, -1, -1):
-        prompt = build_prompt(template, state, window=keep)
-        if count_tokens(prompt) <= budget:
-            return prompt
-    for attr in ("observation", "task"):
-        state = _cut_head(template, state, attr, budget, count_tokens)
-        prompt = build_prompt(template, state, window=0)
-        if count_tokens(prompt) <= budget:
-            return prompt
-    return _cut_message_head(prompt, budget, count_tokens)
-
-
-def _cut_message_head(
-    prompt: list[Message], budget: int, count_tokens: Callable[[list[Message]], int]
-) -> list[Message]:
-    """The prompt with the longest tail of its last message that fits (its fixed text is cut)."""
-    *head, last = prompt
-    text = last["content"]
-
-    def cut(keep: int) -> list[Message]:
-        return [*head, {**last, "content": TRUNCATION_MARK + text[len(text) - keep :]}]
-
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(cut(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    if count_tokens(cut(lo)) > budget:
-        raise ValueError(
-            f"even an empty prompt takes more than {budget} tokens (max_context - max_new_tokens): "
-            "raise the policy's max_context or lower max_new_tokens"
-        )
-    return cut(lo)
-
-
-def _cut_head(
-    template: PromptTemplate,
-    state: PromptState,
-    attr: str,
-    budget: int,
-    count_tokens: Callable[[list[Message]], int],
-) -> PromptState:
-    """``state`` with the longest tail of ``attr`` that fits (binary search; empty if none)."""
-    text: str = getattr(state, attr)
-
-    def cut(keep: int) -> PromptState:
-        tail = text[len(text) - keep :] if keep else ""
-        changes: dict[str, Any] = {attr: TRUNCATION_MARK + tail}
-        return dataclasses.replace(state, **changes)
-
-    lo, hi = 0, len(text)  # the longest fitting tail length lies in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(build_prompt(template, cut(mid), window=0)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return cut(lo)
 
 
 @dataclass(frozen=True)
@@ -285,7 +49,7 @@ class RolloutConfig:
     """How :class:`RolloutManager` turns envs and a policy into trajectories."""
 
     template: PromptTemplate
-    """The env's prompt template (:func:`load_template`)."""
+    """The env's prompt template (:func:`agents.rollout.prompts.load_template`)."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_p: float = 1.0
@@ -328,7 +92,7 @@ class _Episode:
     done: bool = False
 
     def state(self) -> PromptState:
-        admissible = tuple(self.info.get("admissible_actions") or ())
+        admissible = tuple(self.info[InfoKeys.ADMISSIBLE_ACTIONS] or ())
         return PromptState(self.task, tuple(self.history), self.obs, admissible)
 
 
@@ -368,18 +132,19 @@ class RolloutManager:
         self,
         num_groups: int,
         group_size: int,
-        max_steps: int,
+        max_turns: int,
         *,
         seed: int,
         group_seeds: Sequence[int] | None = None,
         group_options: Sequence[ResetOptions] | None = None,
     ) -> tuple[list[Trajectory], dict[str, float]]:
-        """Play ``num_groups × group_size`` episodes of at most ``max_steps`` turns.
+        """Play ``num_groups × group_size`` episodes of at most ``max_turns`` turns.
 
         Args:
             num_groups: Games (problems) played; group ``g`` resets with :func:`group_seed`.
             group_size: Episodes per game.
-            max_steps: Turns per episode; the last step of an unfinished episode is truncated.
+            max_turns: The policy's turns per episode (``rollout.max_turns``); the last step of
+                an unfinished episode is truncated.
             seed: Rollout seed.
             group_seeds: Explicit reset seed of each group (evaluation over a fixed task list);
                 overrides the seeds derived from ``seed``.
@@ -391,8 +156,8 @@ class RolloutManager:
             The trajectories (env index order: group by group) and the ``rollout/…`` metrics.
         """
         n_envs = num_groups * group_size
-        if min(num_groups, group_size, max_steps) < 1:
-            raise ValueError("num_groups, group_size and max_steps must all be >= 1")
+        if min(num_groups, group_size, max_turns) < 1:
+            raise ValueError("num_groups, group_size and max_turns must all be >= 1")
         if n_envs > self.pool.num_envs:
             raise ValueError(
                 f"{num_groups} groups x {group_size} need {n_envs} envs but the pool has "
@@ -407,12 +172,12 @@ class RolloutManager:
         clock = _Clock()
         episodes = self._reset(group_seeds, group_options, group_size, clock)
         turns = 0
-        for t in range(max_steps):
+        for t in range(max_turns):
             active = [e for e in episodes if not e.done]
             if not active:
                 break
             turns += 1
-            self._turn(active, last=t == max_steps - 1, clock=clock)
+            self._turn(active, last=t == max_turns - 1, clock=clock)
         trajectories = [_trajectory(e) for e in episodes]
         return trajectories, rollout_metrics(trajectories, turns=turns, clock=clock)
 
@@ -480,7 +245,7 @@ class RolloutManager:
             return None
         out: list[list[str] | None] = []
         for e in active:
-            admissible = e.info.get("admissible_actions") or []
+            admissible = e.info[InfoKeys.ADMISSIBLE_ACTIONS] or []
             out.append([self._wrap(a) for a in admissible] or None)
         return out
 
@@ -505,7 +270,7 @@ class RolloutManager:
         template = self.config.template
         if template.action_format == "raw":
             return _Parsed(action=text, valid=bool(text.strip()))
-        admissible = episode.info.get("admissible_actions") or None
+        admissible = episode.info[InfoKeys.ADMISSIBLE_ACTIONS] or None
         require_think = template.require_think and not self.config.constrained
         p = parse_action(text, admissible, require_think=require_think)
         return _Parsed(action=p.action if p.action else text, valid=p.valid)
@@ -515,7 +280,7 @@ def _record(e: _Episode, g: Generation, p: _Parsed, r: StepResult, *, last: bool
     """Append the step to the episode and move it to the next state."""
     failed = bool(r.info.get(WORKER_FAILED, False))
     # A failed worker is not the model's fault: its step keeps the parse's verdict.
-    valid = p.valid if failed else p.valid and bool(r.info.get("action_valid", True))
+    valid = p.valid if failed else p.valid and bool(r.info[InfoKeys.ACTION_VALID])
     truncated = r.truncated or (last and not r.terminated)
     e.steps.append(
         Step(
@@ -528,7 +293,7 @@ def _record(e: _Episode, g: Generation, p: _Parsed, r: StepResult, *, last: bool
             reward=r.reward,
             terminated=r.terminated,
             truncated=truncated,
-            anchor=e.info.get("anchor", e.obs),
+            anchor=e.info[InfoKeys.ANCHOR],  # the info contract (envs.checker) guarantees the keys
             info=dict(r.info),
         )
     )
@@ -544,8 +309,8 @@ def _trajectory(e: _Episode) -> Trajectory:
         group_id=e.group,
         game=str(game) if game else f"seed={e.seed}",
         steps=tuple(e.steps),
-        success=bool(e.info.get("won", False)),
-        subtask=str(e.info.get("subtask", "")),
+        success=bool(e.info[InfoKeys.WON]),
+        subtask=str(e.info[InfoKeys.SUBTASK]),
     )
 
 
@@ -586,12 +351,12 @@ def collect(
     pool: EnvPool,
     num_groups: int,
     group_size: int,
-    max_steps: int,
+    max_turns: int,
     *,
     config: RolloutConfig,
     seed: int = 0,
 ) -> tuple[list[Trajectory], dict[str, float]]:
     """:meth:`RolloutManager.collect` in one call."""
     return RolloutManager(policy, pool, config).collect(
-        num_groups, group_size, max_steps, seed=seed
+        num_groups, group_size, max_turns, seed=seed
     )

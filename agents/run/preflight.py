@@ -10,8 +10,11 @@ sections. What it cannot see is checked here, before a model loads or an env poo
   ``rollout.max_new_tokens`` leaves room for a prompt in its context, and LoRA's
   ``model.lora.target_modules`` name linear layers of it;
 * the generator backend (``rollout.backend``) has what it needs installed (``vllm``: vLLM);
+* each ``trainer.loggers`` name is a known tracker whose package is installed;
 * on the command line (:func:`cli_errors`): ``debug`` is a boolean and an ``optional`` group's
-  choice exists (Hydra skips a missing ``experiment=<name>`` without a word).
+  choice exists (Hydra skips a missing ``experiment=<name>`` without a word); before Hydra
+  composes (:func:`check_renamed`), no override names a renamed key
+  (:data:`agents.config.RENAMED_KEYS`: Hydra would only say the old key is not in the config).
 
 Every failure is a :class:`~agents.config.ConfigError` naming the key and the fix.
 :func:`cli_errors` prints such an error alone (exit status 2) in the CLIs; ``debug=true`` or
@@ -24,14 +27,14 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import envs
-from agents.config import MIN_PROMPT_TOKENS, ConfigError, RunConfig
+from agents.config import MIN_PROMPT_TOKENS, RENAMED_KEYS, ConfigError, RunConfig
+from agents.generation.backends import BACKENDS
 from agents.generation.models import ModelNotAvailableError, resolve_model
-from agents.generation.policy import BACKENDS
 
 EXIT_CONFIG_ERROR: Final = 2
 """Exit status of a CLI stopped by a configuration error."""
@@ -46,10 +49,20 @@ def preflight(cfg: RunConfig, *, model: bool = True) -> RunConfig:
         ConfigError: naming the key and the fix.
     """
     check_backend(cfg)
+    check_loggers(cfg)
     check_env(cfg)
     if model:
         check_model(cfg)
     return cfg
+
+
+def check_loggers(cfg: RunConfig) -> None:
+    """Each ``trainer.loggers`` name is a known tracker whose package is installed."""
+    from agents.run.metrics import logger_errors
+
+    errors = logger_errors(cfg.trainer.loggers)
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def check_backend(cfg: RunConfig) -> None:
@@ -64,7 +77,7 @@ def check_backend(cfg: RunConfig) -> None:
 
 def check_env(cfg: RunConfig) -> None:
     """The env builds with the training kwargs and with the evaluation ones; the prompt exists."""
-    from agents.rollout.manager import load_template
+    from agents.rollout.prompts import load_template
 
     if cfg.env.name not in envs.registered():
         raise ConfigError(
@@ -173,6 +186,29 @@ def cli_errors(tree: Mapping[str, Any]) -> Iterator[None]:
         print(f"configuration error: {exc}", file=sys.stderr)
         print("(debug=true or HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+
+def check_renamed(
+    overrides: Sequence[str], renamed: Mapping[str, tuple[str, str]] = RENAMED_KEYS
+) -> None:
+    """No command-line override (``key=v``, ``+key=v``, ``++key=v``, ``~key``) names a renamed key.
+
+    The CLIs call it on ``sys.argv`` before Hydra composes the config, whose own error for a key
+    that left the YAML would not name the new key. ``renamed``: old key -> (new key, meaning).
+
+    Raises:
+        ConfigError: naming the old key, the new one and the override to type instead.
+    """
+    for arg in overrides:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            continue  # a Hydra flag (--cfg job, -m) or a flag's value
+        key, _, value = arg.partition("=")
+        key = key.lstrip("~+").split("@", 1)[0]
+        if key in renamed:
+            new, meaning = renamed[key]
+            raise ConfigError(
+                f"{key} was renamed {new} ({meaning}); use {new}={value or '<value>'}"
+            )
 
 
 def check_cli(tree: Mapping[str, Any]) -> None:

@@ -3,14 +3,15 @@
 Training and evaluation share :func:`build_runtime`. Under ``torchrun`` each rank joins the process
 group, shards the model with FSDP2 and steps its own share of the env groups; in one process the
 same code runs unsharded. LoRA adapters, the KL reference, the generator backend
-(``rollout.backend``, looked up in :data:`agents.generation.policy.BACKENDS`) and how the learner's
-weights
-reach it (:func:`weight_export`) are chosen here too, so the train loop never branches on them.
+(``rollout.backend``, looked up in :data:`agents.generation.backends.BACKENDS`) and how the
+learner's weights reach it (:func:`weight_export`) are chosen here too, so the train loop never
+branches on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator
@@ -21,20 +22,23 @@ import numpy as np
 import torch
 
 from agents.config import ConfigError, RunConfig
+from agents.generation.backends import BACKENDS, GeneratorInputs
+from agents.generation.base import WeightExport
 from agents.generation.models import enable_gradient_checkpointing, load_policy_model, resolve_model
-from agents.generation.policy import BACKENDS, GeneratorInputs, Policy, WeightExport
 from agents.rollout.env_pool import EnvFactory, EnvPool, RayEnvPool, SerialEnvPool
-from agents.rollout.manager import RolloutConfig, RolloutManager, load_template
+from agents.rollout.manager import RolloutConfig, RolloutManager
+from agents.rollout.prompts import load_template
 from agents.training.distributed import (
     DistContext,
-    DistributedLearner,
-    frozen_reference,
     full_state_dict,
+    gathered_for_generation,
     init_distributed,
     shard_model,
 )
-from agents.training.learner import Learner, ReferenceLogprobs
-from agents.training.lora import adapter_disabled_logprobs, apply_lora, merged_state_dict
+from agents.training.learner import Learner
+from agents.training.lora import apply_lora, merged_state_dict
+from agents.training.reference import ReferenceLogprobs, build_reference
+from agents.types import Policy
 
 MAX_EVAL_ENVS = 64
 """Most envs of the evaluation pool (one batched generation per turn covers them all)."""
@@ -66,8 +70,8 @@ class Runtime:
     ctx: DistContext
     """This process's place in the process group (one process: rank 0 of 1)."""
     reference: ReferenceLogprobs | None = None
-    """KL reference log-probs (LoRA: adapters off; sharded: a sharded frozen copy); ``None``
-    lets the learner keep its own frozen copy when the KL penalty is on."""
+    """KL reference log-probs (:func:`~agents.training.reference.build_reference`: LoRA: adapters
+    off; else a frozen copy, sharded like the model); ``None`` without a KL penalty."""
     _eval_pool: EnvPool | None = field(default=None, repr=False)
 
     @property
@@ -78,23 +82,15 @@ class Runtime:
     def build_learner(self) -> Learner:
         """The learner of this run: data-parallel over the process group when there is one."""
         cfg = self.cfg
-        if self.ctx.distributed:
-            return DistributedLearner(
-                self.model,
-                cfg.loss,
-                cfg.learner,
-                self.ctx,
-                temperature=cfg.rollout.temperature,
-                autocast_dtype=self.autocast_dtype,
-                reference_logprobs=self.reference,
-            )
         return Learner(
             self.model,
             cfg.loss,
             cfg.learner,
+            self.ctx,
             temperature=cfg.rollout.temperature,
             autocast_dtype=self.autocast_dtype,
             reference_logprobs=self.reference,
+            p_schedule=cfg.p_schedule,
         )
 
     def eval_pool(self) -> EnvPool:
@@ -147,16 +143,15 @@ def make_pool(cfg: RunConfig, env_kwargs: dict[str, Any], num_envs: int) -> EnvP
 
 
 def rollout_config(cfg: RunConfig) -> RolloutConfig:
-    """The rollout manager's settings from the run configuration."""
-    r = cfg.rollout
-    return RolloutConfig(
-        template=load_template(cfg.env.prompt),
-        history_window=r.history_window,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_new_tokens=r.max_new_tokens,
-        constrained=r.constrained,
-    )
+    """The rollout manager's settings from the run configuration.
+
+    ``env.prompt``'s template and every ``rollout.*`` value whose key is a field of
+    :class:`RolloutConfig` (so none of its own defaults reach a run).
+    """
+    names = {f.name for f in dataclasses.fields(RolloutConfig)}
+    shared = {f.name: getattr(cfg.rollout, f.name) for f in dataclasses.fields(cfg.rollout)}
+    values = {k: v for k, v in shared.items() if k in names}
+    return RolloutConfig(template=load_template(cfg.env.prompt), **values)
 
 
 @contextlib.contextmanager
@@ -219,6 +214,7 @@ def build_policy(
         export=weight_export(lora=cfg.model.lora.r > 0, distributed=ctx.distributed),
         seed=cfg.trainer.seed + ctx.rank,
         distributed=ctx.distributed,
+        gather=gathered_for_generation,
     )
     return BACKENDS[cfg.rollout.backend].build(inputs)
 
@@ -261,14 +257,13 @@ def _adapt(
     cfg: RunConfig, model: torch.nn.Module, ctx: DistContext
 ) -> tuple[torch.nn.Module, ReferenceLogprobs | None]:
     """Gradient checkpointing, LoRA adapters, the KL reference and FSDP2 sharding, in that order."""
-    reference: ReferenceLogprobs | None = None
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.lora.r > 0:
         model = apply_lora(model, cfg.model.lora)
-        reference = adapter_disabled_logprobs(model)  # the base policy, no second model
-    elif cfg.loss.kl_coef > 0 and ctx.distributed:
-        reference = frozen_reference(model, ctx)
+    reference = build_reference(  # LoRA: the adapters off (no second model); else a frozen copy
+        model, kl_coef=cfg.loss.kl_coef, ctx=ctx, chunk_tokens=cfg.learner.logprob_chunk_tokens
+    )
     return shard_model(model, ctx), reference
 
 

@@ -1,1 +1,1 @@
-"""Training: the learner (one or many ranks), the process group and FSDP, LoRA, checkpoints."""
+"""Training: learner (1..N ranks), log-probs, KL reference, process group, LoRA, checkpoints."""

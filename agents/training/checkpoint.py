@@ -2,11 +2,11 @@
 
 A checkpoint is a folder ``ckpt-<iteration:06d>`` holding
 
-* the weights: ``model.safetensors`` (one process; tensors that share storage, such as tied
-  embeddings, stored once), or the sharded files of ``torch.distributed.checkpoint`` (torchrun,
-  :mod:`agents.training.distributed`: ``__<rank>_0.distcp`` and its ``.metadata``). When some
-  parameters
-  are frozen (LoRA, ``model.lora.r > 0``) only the trainable ones are saved: the frozen base is
+* the weights: ``model.safetensors`` (the ``single`` layout of one process; tensors that share
+  storage, such as tied embeddings, stored once), or the ``sharded`` layout's files of
+  ``torch.distributed.checkpoint`` (``__<rank>_0.distcp`` and its ``.metadata``; written under
+  torchrun, or by one process, and read on any number of processes). When some parameters are
+  frozen (LoRA, ``model.lora.r > 0``) only the trainable ones are saved: the frozen base is
   rebuilt from ``model.name`` when the checkpoint is loaded into a model built with the run's
   config;
 * ``trainer.pt``: optimizer (one process; the sharded layout keeps it in the DCP files),
@@ -15,16 +15,19 @@ A checkpoint is a folder ``ckpt-<iteration:06d>`` holding
   ``torch.load(weights_only=True)``, which runs no code from the file;
 * ``manifest.json``, written last: the size and sha256 of every other file.
 
-Writing (:func:`stage`, :func:`publish`, :func:`save_failed`, shared by both layouts): the files
-go into ``.ckpt-tmp-<iteration>``, the manifest last; the files and the folder are fsynced, the
-folder is renamed into place and the run folder is fsynced, so a process killed at any moment
-(``kill -9`` included) leaves complete checkpoints and at most a temporary folder, which
-:func:`remove_stale` deletes at the start of the next run. A failed write removes its temporary
-folder and says what failed, with the bytes needed against the bytes free.
+Writing (:func:`save_checkpoint` for a learner, :func:`save` for a model and its state; both
+through :func:`write`, on one process or every rank): the files go into ``.ckpt-tmp-<iteration>``,
+the manifest last; the files and the folder are fsynced, the folder is renamed into place and the
+run folder is fsynced, so a process killed at any moment (``kill -9`` included) leaves complete
+checkpoints and at most a temporary folder, which :func:`remove_stale` deletes at the start of the
+next run. A failed write (on any rank) removes its temporary folder and says what failed, with the
+bytes needed against the bytes free.
 
-Reading: :func:`verify` checks every listed file against the manifest (missing, empty, wrong size,
-wrong sha256) before anything is loaded, and :func:`first_loadable` falls back from a checkpoint
-that does not verify or read to the next older one, with a warning naming the reason.
+Reading (:func:`load_checkpoint` and :func:`resume_checkpoint` for a learner, either layout, any
+number of processes; :func:`load_model_weights` for evaluation): :func:`verify` checks every listed
+file against the manifest (missing, empty, wrong size, wrong sha256) before anything is loaded, and
+:func:`first_loadable` falls back from a checkpoint that does not verify or read to the next older
+one, with a warning naming the reason.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from agents.training.distributed import (
+    ONE_PROCESS,
+    DistContext,
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+)
+from agents.training.learner import Learner
 
 log = logging.getLogger("agents.training.checkpoint")
 
@@ -133,6 +145,11 @@ def all_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def iterations(run_dir: Path) -> list[int]:
+    """The iterations of the run's checkpoint folders, oldest first."""
+    return [int(m.group(1)) for p in all_checkpoints(run_dir) if (m := _NAME.match(p.name))]
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -283,6 +300,82 @@ def save_failed(tmp: Path, exc: BaseException, *, needed: int) -> CheckpointWrit
         "a larger disk, keep fewer checkpoints (trainer.keep=1) or save less often "
         "(trainer.save_every)."
     )
+
+
+def write(
+    run_dir: Path,
+    iteration: int,
+    *,
+    layout: str,
+    weights: str,
+    needed: int,
+    ctx: DistContext = ONE_PROCESS,
+    every_rank: Callable[[Path], object] | None = None,
+    main_only: Callable[[Path], object] | None = None,
+) -> Path:
+    """The one write path of both layouts: stage, write the files, publish, on any number of ranks.
+
+    Every rank calls it. Rank 0 stages the folder; every rank runs ``every_rank(tmp)`` (its DCP
+    shard), then rank 0 runs ``main_only(tmp)`` (the files only it writes) and :func:`publish`
+    (manifest last, fsync of the files and the folder, rename, fsync of the run folder). A failure
+    on any rank raises on every rank (one collective after each phase, so none waits forever) and
+    removes the staging folder (:func:`save_failed`). In one process the collectives are the
+    identity.
+
+    Args:
+        run_dir: the run folder.
+        iteration: iterations completed (the folder is ``ckpt-<iteration>``).
+        layout: ``single`` or ``sharded`` (recorded in the manifest).
+        weights: ``full`` or ``trainable`` (recorded in the manifest).
+        needed: bytes the checkpoint needs (for the disk-full message).
+        ctx: the process context.
+        every_rank: writes this rank's files into the staging folder.
+        main_only: writes rank 0's files into the staging folder.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: on every rank when a write failed; rank 0's says what failed.
+    """
+    tmp = staging_dir(run_dir, iteration)
+    if ctx.is_main:
+        stage(run_dir, iteration)
+    barrier(ctx)
+    error = _attempt(every_rank, tmp)
+    _raise_if_any_failed(error, tmp, needed, ctx)
+    if ctx.is_main:
+        error = _attempt(main_only, tmp)
+        if error is None:
+            error = _attempt(
+                lambda t: publish(t, layout=layout, weights=weights, iteration=iteration), tmp
+            )
+    _raise_if_any_failed(error, tmp, needed, ctx)
+    return run_dir / checkpoint_name(iteration)
+
+
+def _attempt(step: Callable[[Path], object] | None, tmp: Path) -> Exception | None:
+    """Run ``step(tmp)``; the exception it raised, or ``None``."""
+    try:
+        if step is not None:
+            step(tmp)
+    except Exception as exc:  # every rank learns of it (_raise_if_any_failed)
+        return exc
+    return None
+
+
+def _raise_if_any_failed(error: Exception | None, tmp: Path, needed: int, ctx: DistContext) -> None:
+    """Raise on every rank when any rank failed (a collective); rank 0 removes ``tmp``."""
+    if not all_reduce_max(int(error is not None), ctx):
+        return
+    if ctx.is_main:
+        cause = error or RuntimeError("another rank could not write its shard (see its log)")
+        raise save_failed(tmp, cause, needed=needed) from error
+    raise CheckpointWriteError(
+        f"rank {ctx.rank}: writing {tmp.name} failed"
+        + (f" here ({type(error).__name__}: {error})" if error else " on another rank")
+        + "; rank 0's error says why"
+    ) from error
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -440,14 +533,15 @@ def save(
     """
     weights, kind = model_weights(model)
     blob = {"learner": dict(learner_state), "state": dataclasses.asdict(state), "rng": rng_state()}
-    needed = tensor_bytes(weights) + tensor_bytes(blob)
-    tmp = stage(run_dir, state.iteration)
-    try:
+
+    def files(tmp: Path) -> None:
         write_weights(tmp / WEIGHTS, weights, kind=kind)
         write_trainer_state(tmp / TRAINER, blob)
-        final = publish(tmp, layout="single", weights=kind, iteration=state.iteration)
-    except Exception as exc:
-        raise save_failed(tmp, exc, needed=needed) from exc
+
+    needed = tensor_bytes(weights) + tensor_bytes(blob)
+    final = write(
+        run_dir, state.iteration, layout="single", weights=kind, needed=needed, main_only=files
+    )
     prune(run_dir, keep)
     return final
 
@@ -566,6 +660,242 @@ def load_weights(
 def _expect_layout(manifest: Manifest, layout: str, path: Path) -> None:
     if manifest.layout != layout:
         raise CheckpointError(f"{path} has the {manifest.layout} layout, not {layout}")
+
+
+# ------------------------------------------------------------------------------------------------
+# a learner's checkpoints: either layout, written and read on any number of processes
+
+LAYOUTS: tuple[str, ...] = ("single", "sharded")
+"""Checkpoint layouts (:attr:`Manifest.layout`)."""
+
+
+def run_layout(ctx: DistContext) -> str:
+    """The layout a training run writes: ``single`` in one process, ``sharded`` under torchrun."""
+    return "sharded" if ctx.distributed else "single"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    learner: Learner,
+    state: TrainingState,
+    ctx: DistContext | None = None,
+    keep: int = 2,
+    layout: str = "sharded",
+) -> Path:
+    """Write ``ckpt-<iteration>`` of ``learner`` (every rank calls it); keep the newest ``keep``.
+
+    Both layouts go through :func:`write`. ``sharded``: every rank writes its shard of the model
+    and optimizer (``torch.distributed.checkpoint``, also in one process); rank 0 adds the trainer
+    state (scheduler, shuffling, RNG, run state; weights-only loadable) and the manifest (size and
+    sha256 of every file, DCP's pickled ``.metadata`` included). ``single``: :func:`save`
+    (``model.safetensors`` with the optimizer in ``trainer.pt``; one process only). With frozen
+    parameters (LoRA) only the trainable weights and their optimizer state are saved. All ranks
+    must see ``run_dir`` (one machine, or a shared file system).
+
+    Args:
+        run_dir: the run folder.
+        learner: the learner (its model and optimizer).
+        state: where the run stands.
+        ctx: the process context (default: the learner's).
+        keep: checkpoints kept (``trainer.keep``).
+        layout: one of :data:`LAYOUTS` (a run writes :func:`run_layout`).
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: on every rank when a rank's write failed; the staging folder is
+            removed and rank 0's message says what failed (disk full: bytes needed and free).
+    """
+    ctx = learner.ctx if ctx is None else ctx
+    if layout not in LAYOUTS:
+        raise ValueError(f"checkpoint layout {layout!r} is unknown; use one of {list(LAYOUTS)}")
+    if layout == "single":
+        if ctx.distributed:
+            raise ValueError("the single layout is written by one process; use layout='sharded'")
+        return save(
+            run_dir, model=learner.model, learner_state=learner.state_dict(), state=state, keep=keep
+        )
+    import torch.distributed.checkpoint as dcp
+
+    sharded, weights = _sharded_state(learner)
+    extras = {
+        **{k: v for k, v in learner.state_dict().items() if k != "optimizer"},  # in the DCP files
+        "rng": rng_state(),
+        "state": dataclasses.asdict(state),
+    }
+    final = write(
+        run_dir,
+        state.iteration,
+        layout="sharded",
+        weights=weights,
+        needed=tensor_bytes(sharded) + tensor_bytes(extras),
+        ctx=ctx,
+        every_rank=lambda tmp: dcp.save(sharded, checkpoint_id=tmp),
+        main_only=lambda tmp: write_trainer_state(tmp / TRAINER, extras),
+    )
+    if ctx.is_main:
+        prune(run_dir, keep)
+    return final
+
+
+def load_checkpoint(
+    path: Path, *, learner: Learner, ctx: DistContext | None = None, verified: bool = False
+) -> TrainingState:
+    """Load a checkpoint of either layout into ``learner``: sharded on any number of ranks.
+
+    The folder is checked against its manifest (unless ``verified``) and its trainer state read
+    (weights-only) before anything changes; DCP's ``.metadata`` is a pickle that torch loads, so
+    it is loaded only once its sha256 matched the manifest's.
+
+    Args:
+        path: a checkpoint folder.
+        learner: the learner, its model built as the run built it (LoRA included).
+        ctx: the process context (default: the learner's).
+        verified: ``path`` was just verified (by rank 0 for every rank; see
+            :func:`resume_checkpoint`).
+
+    Returns:
+        Where the run stood.
+
+    Raises:
+        CheckpointError: the folder does not verify or read; nothing was changed.
+        RuntimeError: a one-process checkpoint under torchrun.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    ctx = learner.ctx if ctx is None else ctx
+    manifest = read_manifest(path) if verified else verify(path)
+    if manifest.layout == "single":
+        if ctx.distributed:
+            raise RuntimeError(
+                f"{path} was written by one process; resume it without torchrun (sharded "
+                "checkpoints, written under torchrun, resume on any number of processes)"
+            )
+        learner_state, state = load(
+            path, model=learner.model, map_location=learner.device, verified=True
+        )
+        learner.load_state_dict(learner_state)
+        return state
+    extras = read_trainer_state(path / TRAINER)
+    state = training_state(extras, path / TRAINER)
+    sharded, weights = _sharded_state(learner, manifest.weights)
+    _dcp_load(sharded, path)
+    set_state_dict(
+        learner.model,
+        learner.optimizer,
+        model_state_dict=sharded["model"],
+        optim_state_dict=sharded["optimizer"],
+        options=StateDictOptions(ignore_frozen_params=weights == "trainable", strict=False),
+    )
+    learner.load_state_dict({"scheduler": extras["scheduler"], "shuffle": extras["shuffle"]})
+    set_rng_state(extras["rng"])
+    return state
+
+
+def resume_checkpoint(
+    run_dir: Path, *, learner: Learner, ctx: DistContext | None = None
+) -> tuple[Path, TrainingState] | None:
+    """Load the newest checkpoint of ``run_dir`` that verifies, falling back to older ones.
+
+    Each checkpoint skipped is logged with the reason (missing manifest or file, empty file, size
+    or sha256 mismatch, unreadable trainer state). Rank 0 checks the folders and every rank loads
+    the one it chose (in one process, rank 0 is this process).
+
+    Returns:
+        The folder loaded and its state, or ``None`` when the run has no checkpoint folder.
+
+    Raises:
+        CheckpointError: checkpoints exist but none verifies (the message lists why).
+    """
+    ctx = learner.ctx if ctx is None else ctx
+    choice: tuple[str, str] = ("none", "")
+    if ctx.is_main:
+        candidates = list(reversed(all_checkpoints(run_dir)))
+        try:
+            found = first_loadable(candidates, _check_folder, where=run_dir, hint=_START_OVER)
+            choice = ("found", str(found[0])) if found else ("none", "")
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    status, detail = broadcast_object(choice, ctx)
+    if status == "error":
+        raise CheckpointError(detail)
+    if status == "none":
+        return None
+    path = Path(detail)
+    return path, load_checkpoint(path, learner=learner, ctx=ctx, verified=True)
+
+
+def load_model_weights(
+    path: Path, model: torch.nn.Module, *, map_location: str | torch.device = "cpu"
+) -> Manifest:
+    """Evaluation: load only the weights of a checkpoint of either layout (any number of ranks).
+
+    The weight files are verified first; the trainer state is never read and no RNG state is
+    restored.
+
+    Raises:
+        CheckpointError: the weight files or the manifest do not verify.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    manifest = read_manifest(path)
+    if manifest.layout == "single":
+        return load_weights(path, model=model, map_location=map_location)
+    verify(path, manifest.weight_files())
+    options = StateDictOptions(ignore_frozen_params=manifest.weights == "trainable", strict=False)
+    state = {"model": get_model_state_dict(model, options=options)}
+    _dcp_load(state, path)
+    set_model_state_dict(model, state["model"], options=options)
+    return manifest
+
+
+def _sharded_state(learner: Learner, weights: str | None = None) -> tuple[dict[str, Any], str]:
+    """Model and optimizer state keyed by parameter names (sharded as the model is).
+
+    ``weights="trainable"`` leaves frozen parameters out (the default when some are frozen:
+    LoRA); ``"full"`` keeps every weight. Returns the state and which of the two it is.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    if weights is None:
+        frozen = any(not p.requires_grad for p in learner.model.parameters())
+        weights = "trainable" if frozen else "full"
+    options = StateDictOptions(ignore_frozen_params=weights == "trainable")
+    model_state, optim_state = get_state_dict(learner.model, learner.optimizer, options=options)
+    return {"model": model_state, "optimizer": optim_state}, weights
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """``dcp.load`` with an error that says what to fix when the model does not fit."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as exc:
+        raise ValueError(
+            f"the sharded checkpoint {path} does not load into this model ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). Build the model as the run did: the same model.name and "
+            "model.lora settings (see the run's run_config.json)"
+        ) from exc
+
+
+_START_OVER = (
+    "To start over, keep these folders for inspection and train with a new run_dir= (resume=false "
+    "in this run_dir would overwrite its metrics and, after trainer.keep saves, delete them)."
+)
+
+
+def _check_folder(path: Path) -> Manifest:
+    """Verify a checkpoint and read its trainer state (what a load needs first)."""
+    manifest = verify(path)
+    training_state(read_trainer_state(path / TRAINER), path / TRAINER)
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The learner has no protocol- or loss-specific branches: advantages arrive in the :class:`Batch`,
 and the loss is :func:`holderpo.loss.compute_loss` with a :class:`~holderpo.loss.LossConfig` (one
-of the presets GRPO / Dr.GRPO / GSPO / GMPO / HölderPO, or a custom one) and the p of the schedule
-at this step.
+of the presets GRPO / Dr.GRPO / GSPO / GMPO / HölderPO, or a custom one) at the p its schedule
+gives the iteration (:class:`holderpo.schedule.PSchedule`; the learner owns it).
 
 It computes only what the update uses (docs/training.md, "What an update computes"): rows that
 cannot move the gradient are skipped, π_old is recomputed only when it can differ from π_θ,
@@ -11,31 +11,30 @@ every log-prob is that of the generator's temperature-scaled distribution, and t
 runs on the loss tokens only, in checkpointed chunks (:func:`token_logprobs`), so its logits are
 never held for the whole batch.
 
-Model, optimizer and learning-rate schedule are built in one place (:func:`build_optimizer`), so a
-sharded or data-parallel variant replaces that function and :meth:`Learner.reduce` alone (see
-:mod:`agents.training.distributed`). The KL reference is a pluggable :data:`ReferenceLogprobs`
-callable: a frozen copy of the model by default, the adapter-disabled base model under LoRA
-(:mod:`agents.training.lora`).
+One class runs on one process or many: it takes the process context
+(:class:`~agents.training.distributed.DistContext`, one process by default) and sums its
+normalisers and metrics with the collectives of :mod:`agents.training.distributed`, which are the
+identity without a process group; on several ranks the model is sharded first
+(:func:`~agents.training.distributed.shard_model`) and each rank passes its own rows. The KL
+reference comes from :func:`agents.training.reference.build_reference` (a frozen copy, or the
+LoRA model with its adapters off).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import functools
 import time
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from agents.training.distributed import ONE_PROCESS, DistContext, all_reduce_max, all_reduce_sum
+from agents.training.logprobs import LOGPROB_CHUNK_TOKENS, token_logprobs
+from agents.training.reference import Reference, ReferenceLogprobs, build_reference
 from agents.types import Batch
 from holderpo.loss import (
     LossConfig,
@@ -49,29 +48,25 @@ from holderpo.loss import (
 _ZERO_WHEN_SKIPPED: tuple[str, ...] = ("loss/policy", "loss/total", "loss/clip_frac")
 """Loss metrics of a mini-batch whose rows were all skipped (its loss is exactly 0)."""
 
-ReferenceLogprobs = Callable[[Batch, float], torch.Tensor]
-"""Reference-policy log-probs of a micro-batch at a sampling temperature:
-``(Batch [n, l], T) -> Tensor [n, l]`` (no grad)."""
-
 OLD_LOGPROB_SOURCES: tuple[str, ...] = ("recompute", "generator")
 """Values of :attr:`LearnerConfig.old_logprobs`."""
-
-LOGPROB_CHUNK_TOKENS = 256
-"""Default loss tokens per output-head chunk of :func:`token_logprobs`
-(:attr:`LearnerConfig.logprob_chunk_tokens`)."""
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """Optimisation settings of the learner."""
+    """Optimisation settings of the learner.
+
+    The defaults are the default run's: the ``trainer:`` block of ``configs/config.yaml`` lists
+    them (``tests/agents/test_config_defaults.py`` checks that they agree).
+    """
 
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
-    mini_batch_size: int = 16
+    mini_batch_size: int = 64
     """Rows (step samples) per optimizer step."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = 8
     """Rows per forward/backward; gradients accumulate over the mini-batch."""
-    lr: float = 1e-5
+    lr: float = 5e-5
     """AdamW learning rate after warm-up."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to ``lr``."""
@@ -135,294 +130,6 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def token_logprobs(
-    model: nn.Module,
-    batch: Batch,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_tokens: int | None = LOGPROB_CHUNK_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of each response token given the tokens before it, and optionally the entropy.
-
-    The distribution is the one the generator sampled from, ``log_softmax(logits / T)`` at
-    sampling temperature ``T`` (as verl and TRL compute it), so π_θ and π_old agree with the
-    generator's log-probs and the first importance ratio is 1 for any ``T``.
-
-    With ``chunk_tokens`` > 0 (:func:`_chunked_token_logprobs`) only the positions that carry loss
-    go through the output head, ``chunk_tokens`` at a time, each chunk's logits recomputed in the
-    backward instead of saved: peak memory is O(chunk_tokens·V) instead of O(N·K·V). ``0`` or
-    ``None`` (or a model whose forward does not return its head's output unchanged) takes the
-    unchunked path (:func:`_span_token_logprobs`). Both give the same values and gradients on the
-    loss mask.
-
-    Returns:
-        ``logp`` [N, L] and ``entropy`` [N, L] or ``None``; 0 at position 0 (which nothing
-        predicts) and outside the response span. The chunked path also leaves 0 at the positions
-        inside the span that carry no loss (every consumer masks them).
-    """
-    if chunk_tokens:
-        out = _chunked_token_logprobs(
-            model, batch, temperature=temperature, with_entropy=with_entropy, chunk=chunk_tokens
-        )
-        if out is not None:
-            return out
-    return _span_token_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy)
-
-
-def _span_token_logprobs(
-    model: nn.Module, batch: Batch, *, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unchunked :func:`token_logprobs`: the span first..last through the head in one piece.
-
-    Only the span of positions holding response tokens (in any row) goes through the output
-    head: prompts are long and responses short in multi-turn rollouts, and the head with its
-    vocabulary-wide softmax would otherwise dominate the cost. The logits [N, K, V] and their
-    log-softmax are held for the backward.
-    """
-    n, length = batch.input_ids.shape
-    logp = torch.zeros((n, length), device=batch.input_ids.device)
-    entropy = torch.zeros_like(logp) if with_entropy else None
-    span = batch.loss_mask[:, 1:].any(0).nonzero().flatten() + 1  # response token positions
-    # tokens first..last are predicted from positions first-1..last-1; with no response token the
-    # model still runs on one position (a sharded forward is a collective every rank must join)
-    first, last = (int(span[0]), int(span[-1])) if span.numel() else (length - 1, length - 1)
-    keep = torch.arange(first - 1, last, device=batch.input_ids.device)  # [K]
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        logits_to_keep=keep,
-        use_cache=False,  # no KV cache: nothing is decoded after this forward
-    ).logits  # [N, K, V]
-    log_probs = _log_softmax(logits, temperature)  # [N, K, V]
-    targets = batch.input_ids[:, first : last + 1, None]  # [N, K, 1]
-    logp = logp.to(log_probs.dtype)
-    logp[:, first : last + 1] = torch.gather(log_probs, 2, targets).squeeze(-1)
-    if entropy is None:
-        return logp, None
-    entropy = entropy.to(log_probs.dtype)
-    entropy[:, first : last + 1] = -(log_probs.exp() * log_probs).sum(-1)  # [N, K]
-    return logp, entropy
-
-
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(logits / T)`` over the last axis, in at least float32 -> [..., V]."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return F.log_softmax(logits, dim=-1)
-
-
-@dataclass(frozen=True)
-class _LossTokens:
-    """The response tokens that carry loss, flattened: T of them over the whole micro-batch."""
-
-    keep: torch.Tensor
-    """[K] positions whose hidden state predicts a loss token in some row (``logits_to_keep``)."""
-    rows: torch.Tensor
-    """[T] row of each loss token."""
-    cols: torch.Tensor
-    """[T] index into ``keep`` of the position predicting it (the token sits at ``keep + 1``)."""
-    targets: torch.Tensor
-    """[T] the token ids."""
-
-    @classmethod
-    def of(cls, batch: Batch) -> _LossTokens:
-        """The loss tokens of ``batch`` (ordered row by row, then by position)."""
-        predicts = batch.loss_mask[:, 1:].bool()  # [N, L-1]: position j predicts token j+1
-        keep = predicts.any(0).nonzero().flatten()  # [K]
-        if keep.numel() == 0:  # no response token: one position still runs (a sharded forward
-            # is a collective every rank must join)
-            keep = torch.full(
-                (1,), max(predicts.shape[1] - 1, 0), dtype=torch.long, device=keep.device
-            )
-        rows, cols = predicts[:, keep].nonzero(as_tuple=True)  # [T], [T]
-        return cls(keep, rows, cols, batch.input_ids[rows, keep[cols] + 1])
-
-    def scatter(self, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """``values`` [T] laid out at the loss tokens' places of a zero [N, L] tensor."""
-        out = values.new_zeros(shape)
-        return out.index_put((self.rows, self.keep[self.cols] + 1), values)
-
-
-def _chunked_token_logprobs(
-    model: nn.Module, batch: Batch, *, temperature: float, with_entropy: bool, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """:func:`token_logprobs` through the head ``chunk`` loss tokens at a time, or ``None``.
-
-    The model's own forward runs (so FSDP's hooks, PEFT adapters and gradient checkpointing are
-    untouched), with its output head swapped for :func:`_head_in_chunks` for that one call: it
-    receives the final hidden states [N, K, H] of the kept positions and returns the packed
-    [S, T] log-probs (and entropies) in place of the logits. ``None`` when the model has no
-    output head, or its forward does not hand the head's output back unchanged (e.g. a logit
-    soft-cap after the head): the caller then takes the unchunked path.
-    """
-    head = _output_head(model)
-    if head is None or type(model) in _UNCHUNKABLE:
-        return None
-    tokens = _LossTokens.of(batch)
-    calls: list[torch.Tensor | None] = []
-    head_forward = head.forward
-
-    def chunked_head(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dim() != 3 or hidden.shape[:2] != (len(batch), len(tokens.keep)) or calls:
-            calls.append(None)  # not the call this function expects: let the model go on
-            return head_forward(hidden)
-        packed = _head_in_chunks(head_forward, hidden, tokens, temperature, with_entropy, chunk)
-        calls.append(packed)
-        return packed
-
-    with _replaced_forward(head, chunked_head):
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            logits_to_keep=tokens.keep,
-            use_cache=False,  # no KV cache: nothing is decoded after this forward
-        )
-    if len(calls) != 1 or calls[0] is None or out.logits is not calls[0]:
-        _UNCHUNKABLE.add(type(model))
-        warnings.warn(
-            f"{type(model).__name__}: its forward does not return its output head's result "
-            "unchanged, so token log-probs are computed unchunked (trainer.logprob_chunk_tokens "
-            "has no effect on this model)",
-            stacklevel=3,
-        )
-        return None
-    packed = out.logits  # [S, T]
-    shape = batch.input_ids.shape
-    logp = tokens.scatter(packed[0], shape)
-    return logp, tokens.scatter(packed[1], shape) if with_entropy else None
-
-
-_UNCHUNKABLE: set[type] = set()
-"""Model classes whose forward changed or bypassed the chunked head (they run unchunked)."""
-
-
-def _head_in_chunks(
-    head_forward: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    tokens: _LossTokens,
-    temperature: float,
-    with_entropy: bool,
-    chunk: int,
-) -> torch.Tensor:
-    """Log-probs (row 0) and entropies (row 1, ``with_entropy``) of the loss tokens -> [S, T].
-
-    ``hidden`` [N, K, H] are the final hidden states at ``tokens.keep``. Each chunk of ``chunk``
-    tokens runs head + temperature + log-softmax + gather under non-reentrant activation
-    checkpointing, so only its input [chunk, H] is held for the backward, which recomputes the
-    chunk's logits [chunk, V]. With no loss token one empty chunk still runs, so the result
-    depends on every parameter (a backward through it is a valid, zero, collective).
-    """
-    picked = hidden[tokens.rows, tokens.cols]  # [T, H]
-    checkpointed = torch.is_grad_enabled()
-    parts = []
-    for start in range(0, max(len(tokens.targets), 1), chunk):
-        args = (picked[start : start + chunk], tokens.targets[start : start + chunk])
-        if checkpointed:
-            part = checkpoint(
-                _head_chunk, head_forward, *args, temperature, with_entropy, use_reentrant=False
-            )
-        else:
-            part = _head_chunk(head_forward, *args, temperature, with_entropy)
-        parts.append(part)
-    return torch.cat(parts, dim=1)
-
-
-def _head_chunk(
-    head_forward: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-) -> torch.Tensor:
-    """One chunk: ``hidden`` [c, H], ``targets`` [c] -> [S, c] (log-prob; entropy)."""
-    logits = head_forward(hidden)  # [c, V]
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()  # log-softmax in at least float32
-    out = _TokenLogprobEntropy.apply(logits, targets, temperature, with_entropy)
-    assert isinstance(out, torch.Tensor)  # for the type checker: apply returns forward's result
-    return out
-
-
-class _TokenLogprobEntropy(torch.autograd.Function):
-    """``log softmax(z / T)[y]`` and the entropy of ``softmax(z / T)`` with a written-out backward.
-
-    Autograd through ``log_softmax`` + ``gather`` + the entropy keeps and re-reads several
-    [c, V] tensors; here the forward keeps only ``z`` and the log-normaliser (both recomputed
-    under the chunk's checkpoint) and the backward is, with s = z/T, log p = s - logsumexp(s):
-    ∂ log p_y / ∂s = e_y - p and ∂H / ∂s = -p ⊙ (log p + H) (H = -Σ p log p).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        temperature: float,
-        with_entropy: bool,
-    ) -> torch.Tensor:
-        """``logits`` [c, V] (float32 or wider), ``targets`` [c] -> [S, c]."""
-        scaled = logits / temperature if temperature != 1.0 else logits  # [c, V]
-        lse = torch.logsumexp(scaled, dim=-1)  # [c]
-        logp = scaled.gather(1, targets[:, None]).squeeze(1) - lse  # [c]
-        entropy = logp.new_zeros(0)
-        if with_entropy:
-            log_p = scaled - lse[:, None]  # [c, V]
-            entropy = -(log_p.exp() * log_p).sum(-1)  # [c]
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature = temperature
-        return torch.stack([logp, entropy]) if with_entropy else logp[None]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        """``grad`` [S, c] -> the gradient [c, V] of the logits."""
-        logits, targets, lse, entropy = ctx.saved_tensors
-        temperature: float = ctx.temperature
-        g_logp = grad[0][:, None]  # [c, 1]
-        log_p = logits.div(temperature).sub_(lse[:, None])  # [c, V]
-        del logits  # (recomputed by the chunk's checkpoint) one [c, V] fewer from here on
-        if len(grad) > 1:  # with the entropy
-            p = log_p.exp()
-            coef = log_p.add_(entropy[:, None]).mul_(grad[1][:, None]).add_(g_logp)
-            grad_s = p.mul_(coef).neg_()  # -p ⊙ (g_logp + g_H (log p + H))
-        else:
-            grad_s = log_p.exp_().mul_(-g_logp)  # -g_logp · p
-        grad_s.scatter_add_(1, targets[:, None], g_logp)  # + g_logp · e_y
-        if temperature != 1.0:
-            grad_s.div_(temperature)  # ∂s/∂z = 1/T
-        return grad_s, None, None, None
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    """The module that maps final hidden states to logits (``lm_head``), or ``None``.
-
-    ``get_output_embeddings`` is the transformers API for it; a PEFT model forwards the call to
-    its base model, an FSDP-sharded model is still an instance of its class.
-    """
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return head if isinstance(head, nn.Module) else None
-
-
-@contextlib.contextmanager
-def _replaced_forward(
-    module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[None]:
-    """``module.forward`` is ``forward`` inside the block (its hooks still run), then restored."""
-    previous = module.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's)
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
-
-
 def movable_rows(batch: Batch, loss_cfg: LossConfig) -> torch.Tensor:
     """Rows whose forward/backward can change the gradient -> bool [N].
 
@@ -454,44 +161,69 @@ class _Drift:
 
 
 class Learner:
-    """Owns the training model, its optimizer and scheduler, and an optional frozen reference."""
+    """Owns the training model, its optimizer, scheduler and p schedule, and the KL reference.
+
+    One instance per process: on several ranks each holds its shard of the model and passes its
+    own rows to :meth:`update`. ``cfg.mini_batch_size`` counts rows of the *global* mini-batch
+    (all ranks together), so the same configuration gives the same optimizer steps on any number
+    of processes.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         loss_cfg: LossConfig,
         cfg: LearnerConfig,
+        ctx: DistContext = ONE_PROCESS,
         *,
         temperature: float = 1.0,
         autocast_dtype: torch.dtype | None = None,
         reference_logprobs: ReferenceLogprobs | None = None,
+        p_schedule: Callable[[int], float] | None = None,
     ) -> None:
-        """Build the optimizer and, when the KL penalty is on, the reference policy.
+        """Check the sizes, build the optimizer and, when the KL penalty is on, the reference.
 
         Args:
-            model: the training model (parameters with ``requires_grad`` are optimised).
+            model: the training model (parameters with ``requires_grad`` are optimised; on
+                several ranks, the model after :func:`~agents.training.distributed.shard_model`).
             loss_cfg: the loss configuration.
-            cfg: optimisation settings.
+            cfg: optimisation settings; ``mini_batch_size`` is global.
+            ctx: the process context (default: one process).
             temperature: the generator's sampling temperature; every log-prob the learner
                 computes (π_θ, π_old, π_ref, entropy) is of ``softmax(logits / temperature)``.
             autocast_dtype: mixed-precision dtype of the forward passes (``None``: off).
-            reference_logprobs: reference log-probs for the KL penalty; default (when
-                ``loss_cfg.kl_coef > 0``) a frozen copy of ``model``.
+            reference_logprobs: reference log-probs for the KL penalty; default
+                :func:`~agents.training.reference.build_reference` of ``model`` (a frozen copy
+                when ``loss_cfg.kl_coef > 0``; on a sharded model it must be built before
+                sharding and passed here).
+            p_schedule: the Hölder order of each iteration, ``p = p_schedule(iteration)``
+                (:class:`holderpo.schedule.PSchedule`); default the constant ``loss_cfg.p``.
         """
         if temperature <= 0:
             raise ValueError(f"the learner's temperature must be > 0, got {temperature}")
+        local = cfg.mini_batch_size // ctx.world_size
+        if cfg.mini_batch_size % ctx.world_size or local % cfg.micro_batch_size:
+            raise ValueError(
+                f"trainer.mini_batch_size={cfg.mini_batch_size} must be a multiple of "
+                f"world_size * trainer.micro_batch_size = {ctx.world_size * cfg.micro_batch_size}; "
+                f"set e.g. trainer.mini_batch_size={ctx.world_size * cfg.micro_batch_size}"
+            )
         self.model = model
         self.loss_cfg = loss_cfg
-        self.cfg = cfg
+        self.cfg = dataclasses.replace(cfg, mini_batch_size=local)  # this rank's rows per step
+        self.ctx = ctx
         self.temperature = float(temperature)
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
-        self.reference: nn.Module | None = None
-        if reference_logprobs is None and loss_cfg.kl_coef > 0:
-            self.reference = _frozen_copy(model)
-            reference_logprobs = functools.partial(
-                _reference_logprobs, self.reference, chunk_tokens=cfg.logprob_chunk_tokens
+        if reference_logprobs is None:
+            reference_logprobs = build_reference(
+                model, kl_coef=loss_cfg.kl_coef, ctx=ctx, chunk_tokens=cfg.logprob_chunk_tokens
             )
         self.reference_logprobs = reference_logprobs
+        # the frozen reference model held beside the training model (None under LoRA, no KL)
+        self.reference: nn.Module | None = (
+            reference_logprobs.held if isinstance(reference_logprobs, Reference) else None
+        )
+        self.p_schedule = p_schedule
         self.autocast_dtype = autocast_dtype
         self._shuffle = torch.Generator().manual_seed(cfg.seed)
 
@@ -500,17 +232,44 @@ class Learner:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
 
-    def update(self, batch: Batch, *, p: float) -> dict[str, float]:
-        """PPO epochs of mini-batch updates on one rollout batch; returns averaged metrics.
+    def p_at(self, iteration: int | None = None, p: float | None = None) -> float:
+        """The Hölder order of the update at ``iteration``, or ``p`` when given (exactly one).
+
+        Raises:
+            ValueError: both or neither given.
+        """
+        if (iteration is None) == (p is None):
+            raise ValueError("update() takes the iteration (p from the schedule) or p, not both")
+        if p is not None:
+            return float(p)
+        assert iteration is not None
+        return float(self.loss_cfg.p if self.p_schedule is None else self.p_schedule(iteration))
+
+    def update(
+        self, batch: Batch, iteration: int | None = None, *, p: float | None = None
+    ) -> dict[str, float]:
+        """PPO epochs of mini-batch updates on one rollout batch; returns every metric it makes.
 
         π_old is, by :attr:`LearnerConfig.old_logprobs` and the number of updates the batch gets:
         the update's own detached forward when there is exactly one optimizer step (π_old = π_θ
         there, so no second forward is needed), else a recompute before the first step, or the
         generator's log-probs. Rows that cannot move the gradient (:func:`movable_rows`) are not
-        computed at all.
+        computed at all. On several ranks every rank's rows are padded to the longest rank's
+        (:meth:`Batch.pad_rows`), since each forward/backward is a collective.
+
+        Args:
+            batch: this process's rows.
+            iteration: the run's iteration (0-based): p is the schedule's there.
+            p: a fixed Hölder order instead of the schedule's (tests, benchmarks).
+
+        Returns:
+            ``loss/…`` and ``holder/…`` (``holder/p`` included), ``time/…``, summed or averaged
+            over the ranks.
         """
-        batch = _to(batch, self.device)
-        live = movable_rows(batch, self.loss_cfg)  # [N]
+        p = self.p_at(iteration, p)
+        loss_cfg = dataclasses.replace(self.loss_cfg, p=p)
+        batch = batch.pad_rows(all_reduce_max(len(batch), self.ctx)).to(self.device)
+        live = movable_rows(batch, loss_cfg)  # [N]
         if not self.cfg.skip_zero_rows:
             live = torch.ones_like(live)
         drift = _Drift()
@@ -528,7 +287,7 @@ class Learner:
                 rows = order[start : start + self.cfg.mini_batch_size]
                 measure = drift if first and source != "recompute" else None
                 stats = self._mini_batch(
-                    batch, rows, live, p, current_old=source == "current", drift=measure
+                    batch, rows, live, loss_cfg, current_old=source == "current", drift=measure
                 )
                 first = False
                 for key, value in stats.items():
@@ -537,6 +296,7 @@ class Learner:
         metrics = {key: sums[key] / counts[key] for key in sums}
         metrics["time/old_logprobs_s"] = t1 - t0
         metrics["time/update_s"] = time.perf_counter() - t1
+        metrics["holder/p"] = p
         return {**metrics, **self._update_metrics(batch, live, drift)}
 
     def _old_logprob_source(self, rows: int) -> str:
@@ -553,7 +313,7 @@ class Learner:
             [float(rows.sum()), float((rows & ~live).sum()), drift.abs_sum, drift.tokens],
             dtype=torch.float64,
         )
-        n_rows, skipped, abs_sum, tokens = self.reduce(values).tolist()
+        n_rows, skipped, abs_sum, tokens = all_reduce_sum(values, self.ctx).tolist()
         return {
             "loss/rows_skipped_frac": skipped / max(n_rows, 1.0),
             "loss/generator_drift": abs_sum / max(tokens, 1.0),
@@ -562,8 +322,9 @@ class Learner:
     @torch.no_grad()
     def recompute_old_logprobs(self, batch: Batch) -> Batch:
         """Replace the generator's log-probs with the training model's (same weights, this code)."""
+        batch = batch.to(self.device)
         every = torch.ones(len(batch), dtype=torch.bool, device=batch.input_ids.device)
-        return self._recompute(_to(batch, self.device), every, _Drift())
+        return self._recompute(batch, every, _Drift())
 
     @torch.no_grad()
     def _recompute(self, batch: Batch, live: torch.Tensor, drift: _Drift) -> Batch:
@@ -577,7 +338,7 @@ class Learner:
         old = batch.old_logprobs.clone()
         rows = live.nonzero().flatten()
         size = self.cfg.micro_batch_size
-        for m in range(self.max_over_ranks(-(-len(rows) // size))):
+        for m in range(all_reduce_max(-(-len(rows) // size), self.ctx)):
             idx = rows[m * size : (m + 1) * size]
             micro = batch.select(idx) if len(idx) else _empty_micro(batch)
             with self._autocast():
@@ -594,20 +355,12 @@ class Learner:
         self.model.train(was_training)
         return dataclasses.replace(batch, old_logprobs=old * batch.loss_mask)
 
-    def reduce(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum ``values`` [K] over the data-parallel ranks (the identity in one process)."""
-        return values
-
-    def max_over_ranks(self, value: int) -> int:
-        """Largest ``value`` over the data-parallel ranks (the identity in one process)."""
-        return value
-
     def _mini_batch(
         self,
         batch: Batch,
         rows: torch.Tensor,
         live: torch.Tensor,
-        p: float,
+        loss_cfg: LossConfig,
         *,
         current_old: bool,
         drift: _Drift | None,
@@ -616,20 +369,21 @@ class Learner:
 
         Each micro-batch loss is weighted by ``loss_units(micro) / loss_units(mini-batch)``, the
         mini-batch counted over all of its rows (skipped ones included) and all data-parallel
-        ranks (:meth:`reduce`), so the summed gradient is the gradient of the whole mini-batch's
-        loss. The rows are grouped by length first, so a micro-batch pads little (the gradient
-        does not depend on the grouping). A mini-batch with no live row on any rank runs no
-        forward and takes no optimizer step (its gradient is exactly 0).
+        ranks (:func:`~agents.training.distributed.all_reduce_sum`), so the summed gradient is
+        the gradient of the whole mini-batch's loss. The rows are grouped by length first, so a
+        micro-batch pads little (the gradient does not depend on the grouping). A mini-batch with
+        no live row on any rank runs no forward and takes no optimizer step (its gradient is
+        exactly 0).
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         rows = rows[torch.argsort(batch.attention_mask[rows].sum(-1), stable=True)]
         mini = batch.loss_mask[rows]  # KL/entropy may have their own units (reg_aggregation)
-        units_all = torch.tensor([loss_units(mini, self.loss_cfg), reg_units(mini, self.loss_cfg)])
-        total_units, total_reg = (float(u) for u in self.reduce(units_all.double()))
+        units_all = torch.tensor([loss_units(mini, loss_cfg), reg_units(mini, loss_cfg)])
+        total_units, total_reg = (float(u) for u in all_reduce_sum(units_all.double(), self.ctx))
         rows = rows[live[rows]]
         size = self.cfg.micro_batch_size
-        n_micro = self.max_over_ranks(-(-len(rows) // size))
+        n_micro = all_reduce_max(-(-len(rows) // size), self.ctx)
         if n_micro == 0:
             lr = float(self.scheduler.get_last_lr()[0])
             skipped = {"loss/grad_norm": 0.0, "loss/optimizer_steps": 0.0, "loss/lr": lr}
@@ -638,9 +392,11 @@ class Learner:
         for m in range(n_micro):
             idx = rows[m * size : (m + 1) * size]
             micro = batch.select(idx) if len(idx) else _empty_micro(batch)
-            units = loss_units(micro.loss_mask, self.loss_cfg)
-            scale = accumulation_reg_scale(micro.loss_mask, self.loss_cfg, total_units, total_reg)
-            out = self._micro_loss(micro, p, current_old=current_old, drift=drift, reg_scale=scale)
+            units = loss_units(micro.loss_mask, loss_cfg)
+            scale = accumulation_reg_scale(micro.loss_mask, loss_cfg, total_units, total_reg)
+            out = self._micro_loss(
+                micro, loss_cfg, current_old=current_old, drift=drift, reg_scale=scale
+            )
             (out.loss * (units / max(total_units, 1e-12))).backward()
             stats["units"] += units
             for key, value in out.metrics.items():
@@ -659,8 +415,8 @@ class Learner:
         (``holder/…``) describe the rows that were computed and are divided by their units.
         """
         keys = sorted(k for k in sums if k != "units")
-        reduced = self.reduce(
-            torch.tensor([sums[k] for k in keys] + [sums["units"]], dtype=torch.float64)
+        reduced = all_reduce_sum(
+            torch.tensor([sums[k] for k in keys] + [sums["units"]], dtype=torch.float64), self.ctx
         ).tolist()
         computed = max(reduced.pop(), 1e-12)
         total = max(total_units, 1e-12)
@@ -672,7 +428,7 @@ class Learner:
     def _micro_loss(
         self,
         micro: Batch,
-        p: float,
+        loss_cfg: LossConfig,
         *,
         current_old: bool,
         drift: _Drift | None,
@@ -680,12 +436,13 @@ class Learner:
     ) -> LossOutput:
         """Loss of one micro-batch (HölderPO §3 Eq. 2 through :func:`compute_loss`).
 
-        ``current_old``: π_old is this forward's own detached log-probs (the single-update case).
-        ``drift``: measure the generator's drift on this forward (the model is not updated yet).
-        ``reg_scale``: weight of the KL/entropy terms relative to the policy term (1 unless
-        ``reg_aggregation`` differs from ``aggregation``; :func:`accumulation_reg_scale`).
+        ``loss_cfg``: the loss at this update's p. ``current_old``: π_old is this forward's own
+        detached log-probs (the single-update case). ``drift``: measure the generator's drift on
+        this forward (the model is not updated yet). ``reg_scale``: weight of the KL/entropy
+        terms relative to the policy term (1 unless ``reg_aggregation`` differs from
+        ``aggregation``; :func:`accumulation_reg_scale`).
         """
-        want_entropy = self.loss_cfg.entropy_coef > 0
+        want_entropy = loss_cfg.entropy_coef > 0
         with self._autocast():
             logp, entropy = token_logprobs(
                 self.model,
@@ -702,7 +459,7 @@ class Learner:
             drift.add(logp, micro)
         old = logp.detach() * micro.loss_mask if current_old else micro.old_logprobs
         return compute_loss(
-            dataclasses.replace(self.loss_cfg, p=p),
+            loss_cfg,
             logp,
             old,
             micro.advantages,
@@ -739,24 +496,15 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what :meth:`state_dict` returned (without ``optimizer``: restored elsewhere).
+
+        The sharded checkpoint layout keeps the optimizer state in its DCP files beside the
+        model's (:mod:`agents.training.checkpoint`), so its trainer state has no ``optimizer``.
+        """
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._shuffle.set_state(state["shuffle"])
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    for param in ref.parameters():
-        param.requires_grad_(False)
-    return ref
-
-
-def _reference_logprobs(
-    reference: nn.Module, micro: Batch, temperature: float, *, chunk_tokens: int
-) -> torch.Tensor:
-    """Log-probs [n, l] of a frozen reference model."""
-    return token_logprobs(reference, micro, temperature=temperature, chunk_tokens=chunk_tokens)[0]
 
 
 def _empty_micro(batch: Batch) -> Batch:
@@ -770,15 +518,4 @@ def _empty_micro(batch: Batch) -> Batch:
         one,
         loss_mask=torch.zeros_like(one.loss_mask),
         advantages=torch.zeros_like(one.advantages),
-    )
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        loss_mask=batch.loss_mask.to(device),
-        old_logprobs=batch.old_logprobs.to(device),
-        advantages=batch.advantages.to(device),
-        seq_ids=batch.seq_ids.to(device),
     )

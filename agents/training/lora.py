@@ -1,10 +1,12 @@
-"""LoRA adapters (through ``peft``): apply, a KL reference without a second model, merged weights.
+"""LoRA adapters (through ``peft``): apply, merged weights; the KL reference needs no second model.
 
 With ``model.lora.r > 0`` only the low-rank adapters train (W' = W + (α/r)·B·A on the target
 linear layers, LoRA Eq. 3); the base weights stay frozen. Two consequences:
 
 * The KL reference policy is the base model itself: the same :class:`peft.PeftModel` with its
-  adapters disabled (:func:`adapter_disabled_logprobs`), so no frozen copy of the model is held.
+  adapters disabled (:func:`agents.training.reference.adapter_disabled_logprobs`, which
+  :func:`~agents.training.reference.build_reference` picks for a PEFT model), so no frozen copy of
+  the model is held.
 * Generation sees the updated policy without any copy for the transformers backend (the
   generator *is* the PeftModel); a vLLM engine reloads :func:`merged_state_dict`, the base-named
   weights with the adapters folded in, computed without touching the training model.
@@ -18,9 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.training.learner import ReferenceLogprobs, token_logprobs
-from agents.types import Batch
-
 INSTALL = "pip install 'holderpo-agents[lora]'  (or: pip install peft)"
 
 
@@ -28,7 +27,7 @@ INSTALL = "pip install 'holderpo-agents[lora]'  (or: pip install peft)"
 class LoraSettings:
     """Shape of the LoRA adapters (``model.lora.*``)."""
 
-    r: int = 16
+    r: int = 0
     """Rank of each adapter (0 turns LoRA off)."""
     alpha: float = 32.0
     """Scale numerator: the update is (alpha / r)·B·A."""
@@ -83,19 +82,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
-
-
-def adapter_disabled_logprobs(model: nn.Module) -> ReferenceLogprobs:
-    """Reference log-probs of the base model: the PeftModel's forward with its adapters off."""
-    if not hasattr(model, "disable_adapter"):
-        raise TypeError("adapter_disabled_logprobs needs a peft model; call apply_lora first")
-    peft_model: Any = model
-
-    def logprobs(micro: Batch, temperature: float) -> torch.Tensor:
-        with torch.no_grad(), peft_model.disable_adapter():
-            return token_logprobs(model, micro, temperature=temperature)[0]  # [n, l]
-
-    return logprobs
 
 
 @torch.no_grad()

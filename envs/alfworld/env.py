@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from envs.alfworld.engine import Engine, GameCache, default_cache_dir
-from envs.base import TextEnv
+from envs.base import InfoKeys, TextEnv
 
 TASK_TYPES: Final = {
     "pick_and_place_simple": "pick",
@@ -232,6 +232,11 @@ class AlfWorldEnv(TextEnv):
         """The subtask of each game of the split (read from its task-type folder)."""
         return tuple(subtask_of(g) for g in self.games)
 
+    @property
+    def subtasks(self) -> tuple[str, ...]:
+        """The subtasks this env plays (``task_types``), in the order reports list them."""
+        return tuple(s for s in SUBTASKS if s in self.config.task_types)
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, dict[str, Any]]:
@@ -286,11 +291,11 @@ class AlfWorldEnv(TextEnv):
     ) -> dict[str, Any]:
         plan = list(self._walkthrough[self._walk_pos :]) if self._on_walkthrough else None
         return {
-            "admissible_actions": list(admissible),
-            "anchor": obs,
-            "won": bool(won),
-            "subtask": subtask_of(self._game),
-            "action_valid": bool(valid),
+            InfoKeys.ADMISSIBLE_ACTIONS: list(admissible),
+            InfoKeys.ANCHOR: obs,
+            InfoKeys.WON: bool(won),
+            InfoKeys.SUBTASK: subtask_of(self._game),
+            InfoKeys.ACTION_VALID: bool(valid),
             "game": self._game,
             "expert_plan": plan,
             "steps": self._steps,

@@ -19,8 +19,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import ConfigError, RunConfig, build_run_config
+from agents.generation.backends import BACKENDS
+from agents.generation.hf import HFPolicy
 from agents.generation.models import load_policy_model
-from agents.generation.policy import BACKENDS, HFPolicy, VLLMSettings
+from agents.generation.vllm import VLLMSettings
 from agents.run.preflight import preflight
 from agents.run.runtime import build_runtime, weight_export
 from agents.training.distributed import close_distributed, init_local_process, shard_model

@@ -124,7 +124,7 @@ def test_holderpo_math_recipe_swaps_only_the_loss() -> None:
 
 def test_alfworld_recipe_has_the_published_values() -> None:
     run = build_run_config(_tree("experiment=holderpo_gigpo_alfworld"))
-    assert (run.rollout.num_groups, run.rollout.max_steps, run.trainer.iterations) == (16, 50, 150)
+    assert (run.rollout.num_groups, run.rollout.max_turns, run.trainer.iterations) == (16, 50, 150)
     assert run.protocol.gamma == 0.95 and run.protocol.invalid_penalty == 0.1
     assert run.loss.kl_coef == 0.01
     assert (run.p_schedule.p_start, run.p_schedule.p_end) == (2.0, -1.0)
@@ -142,6 +142,7 @@ def test_alfworld_recipe_has_the_published_values() -> None:
         ("algorithm.preset=ppo", "choose algorithm="),
         ("model.dtype=int8", "model.dtype"),
         ("rollout.temperature=0", "rollout.temperature"),
+        ("+rollout.max_steps=2", "rollout.max_steps is now rollout.max_turns"),
     ],
 )
 def test_bad_values_fail_with_the_fix(override: str, message: str) -> None:

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.config import ConfigError, build_run_config
-from agents.evaluate import ExpertActor, run_episodes
+from agents.evaluation.baselines import ExpertActor
+from agents.evaluation.episodes import run_episodes
 from agents.evaluation.report import EpisodeResult, stage_table, summarise
 from agents.rollout.curriculum import (
     FULL,
@@ -36,13 +37,9 @@ from agents.rollout.curriculum import (
     stage_name,
 )
 from agents.rollout.env_pool import EnvFactory, SerialEnvPool
-from agents.rollout.manager import (
-    RolloutConfig,
-    RolloutManager,
-    group_seed,
-    load_template,
-    read_task,
-)
+from agents.rollout.manager import RolloutConfig, RolloutManager, group_seed
+from agents.rollout.prompts import load_template, read_task
+from agents.training.checkpoint import iterations
 from agents.types import Step, Trajectory
 from envs.prefix import EXPERT_PLAN_LENGTH, EXPERT_REMAINING
 
@@ -267,7 +264,8 @@ def test_save_state_keeps_the_states_of_the_remaining_checkpoints(tmp_path: Path
         save_state(s, tmp_path, it)
     (tmp_path / "ckpt-000002").mkdir()
     (tmp_path / "ckpt-000003").mkdir()
-    save_state(s, tmp_path, 4)
+    assert iterations(tmp_path) == [2, 3]
+    save_state(s, tmp_path, 4, checkpoints=iterations(tmp_path))
     names = sorted(p.name for p in (tmp_path / "curriculum").iterdir())
     assert names == ["state-000002.json", "state-000003.json", "state-000004.json"]
     save_state(s, tmp_path, 5, enabled=False)  # other ranks write nothing
@@ -384,8 +382,8 @@ class RecordingPolicy:
 
 @pytest.fixture(scope="module")
 def tiny():
+    from agents.generation.hf import HFPolicy
     from agents.generation.models import load_policy_model
-    from agents.generation.policy import HFPolicy
 
     model, tokenizer = load_policy_model("tiny")
     return HFPolicy(model, tokenizer, seed=0)
@@ -426,9 +424,9 @@ def test_prefixed_rollout_shows_the_replayed_actions_and_trains_on_its_own_turns
 def test_expert_at_stage_k_wins_in_k_steps_with_the_success_reward() -> None:
     with SerialEnvPool(EnvFactory("alfworld", {"split": "embedded"}), 3) as pool:
         for k in (1, 2):
-            results = run_episodes(ExpertActor(), pool, [0, 25, 55], max_steps=10, stage=k)
+            results = run_episodes(ExpertActor(), pool, [0, 25, 55], max_turns=10, stage=k)
             assert all(r.success and r.steps == k and r.reward == 10.0 for r in results)
-        full = run_episodes(ExpertActor(), pool, [0, 25, 55], max_steps=20)
+        full = run_episodes(ExpertActor(), pool, [0, 25, 55], max_turns=20)
     assert all(r.success for r in full) and max(r.steps for r in full) > 2
 
 

@@ -17,22 +17,17 @@ import torch
 import torch.multiprocessing as mp
 
 from agents.generation.models import load_policy_model
-from agents.training.checkpoint import TrainingState
+from agents.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from agents.training.distributed import (
     DistContext,
-    DistributedLearner,
     all_reduce_metrics,
     close_distributed,
-    frozen_reference,
     full_state_dict,
     init_local_process,
-    load_checkpoint,
-    pad_batch,
-    save_checkpoint,
-    shard_batch,
     shard_model,
 )
 from agents.training.learner import Learner, LearnerConfig
+from agents.training.reference import frozen_reference
 from agents.types import Batch, Step, collate
 from holderpo.loss import PRESETS, LossConfig
 
@@ -111,8 +106,8 @@ def _rank_update(
     model = _model(cache, dtype)
     reference = frozen_reference(model, ctx) if loss.kl_coef > 0 else None
     model = shard_model(model, ctx)
-    learner = DistributedLearner(model, loss, LEARNER, ctx, reference_logprobs=reference)
-    metrics = learner.update(shard_batch(batch, ctx), p=1.5)
+    learner = Learner(model, loss, LEARNER, ctx, reference_logprobs=reference)
+    metrics = learner.update(batch.shard(ctx.rank, ctx.world_size), p=1.5)
     return {"metrics": metrics, "grads": _grads(model), "params": full_state_dict(model)}
 
 
@@ -129,7 +124,7 @@ def _worker(rank: int, port: int, cache: Path, out: Path) -> None:
         )
         results["metrics_mean"] = all_reduce_metrics({"a": float(rank), "b": 2.0}, ctx)
         # resume a one-process checkpoint on two ranks, take a step, save on two ranks
-        learner = DistributedLearner(shard_model(_model(cache), ctx), LOSSES["grpo"], LEARNER, ctx)
+        learner = Learner(shard_model(_model(cache), ctx), LOSSES["grpo"], LEARNER, ctx)
         state = load_checkpoint(out / "one" / "ckpt-000001", learner=learner, ctx=ctx)
         results["loaded"] = {
             "state": dataclasses.asdict(state),
@@ -137,7 +132,7 @@ def _worker(rank: int, port: int, cache: Path, out: Path) -> None:
             "optimizer": _full_optimizer(learner),
             "lr_steps": learner.scheduler.last_epoch,
         }
-        learner.update(shard_batch(_batch("mixed"), ctx), p=1.0)
+        learner.update(_batch("mixed").shard(ctx.rank, ctx.world_size), p=1.0)
         save_checkpoint(out / "two", learner=learner, state=TrainingState(2, 2, 1.0), ctx=ctx)
         results["saved"] = {
             "params": full_state_dict(learner.model),
@@ -259,15 +254,19 @@ def test_two_rank_checkpoint_resumes_in_one_process(ranks: dict[str, Any], cache
 
 def test_padding_rows_are_empty_and_sizes_are_checked() -> None:
     batch = _batch("mixed")
-    padded = pad_batch(batch, 9)
+    padded = batch.pad_rows(9)
     assert len(padded) == 9
     assert float(padded.loss_mask[7:].sum()) == 0.0
-    assert padded.seq_ids[7:].tolist() == [-1, -1]
+    assert float(padded.advantages[7:].abs().sum()) == 0.0  # padding rows carry no loss
+    assert torch.equal(padded.input_ids[7:], batch.input_ids[:1].expand(2, -1))  # row 0 repeated
     ctx = DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
-    mine = shard_batch(batch, ctx)
-    assert mine.seq_ids.tolist() == [4, 5, 6, -1]
+    mine = batch.shard(ctx.rank, ctx.world_size)
+    assert len(mine) == 4  # rank 1 holds rows 4, 5, 6 of the 7 and one padding row
+    assert torch.equal(mine.input_ids[:3], batch.input_ids[4:7])
+    assert torch.equal(mine.advantages[:3], batch.advantages[4:7])
+    assert float(mine.loss_mask[3].sum()) == 0.0 and float(mine.advantages[3]) == 0.0
     with pytest.raises(ValueError, match="world_size \\* trainer.micro_batch_size"):
-        DistributedLearner(
+        Learner(
             torch.nn.Linear(2, 2),
             PRESETS["grpo"],
             LearnerConfig(mini_batch_size=6, micro_batch_size=2),

@@ -233,7 +233,7 @@ def test_several_updates_recompute_and_generator_source_uses_the_given_logprobs(
 
 
 def test_temperature_scaled_logprobs_match_the_generator(tiny) -> None:
-    from agents.generation.policy import HFPolicy
+    from agents.generation.hf import HFPolicy
     from agents.types import SamplingParams
 
     model, tokenizer = tiny

@@ -218,7 +218,8 @@ def test_qwen2_chunked_equals_unchunked() -> None:
 
 def test_lora_chunked_equals_unchunked(tiny) -> None:
     pytest.importorskip("peft")
-    from agents.training.lora import LoraSettings, adapter_disabled_logprobs, apply_lora
+    from agents.training.lora import LoraSettings, apply_lora
+    from agents.training.reference import adapter_disabled_logprobs
 
     model, tokenizer = tiny
     lora = apply_lora(copy.deepcopy(model).double(), LoraSettings(r=4, alpha=8.0))
@@ -303,7 +304,7 @@ def test_negative_chunk_size_names_the_key() -> None:
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_written_out_softmax_gradient_passes_gradcheck(with_entropy: bool, temperature: float):
-    from agents.training.learner import _TokenLogprobEntropy
+    from agents.training.logprobs import _TokenLogprobEntropy
 
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(5, 11, generator=g, dtype=torch.float64)).requires_grad_()

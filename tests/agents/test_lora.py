@@ -17,10 +17,10 @@ pytest.importorskip("peft")
 
 from agents.training.lora import (  # noqa: E402 - after the skip guard
     LoraSettings,
-    adapter_disabled_logprobs,
     apply_lora,
     merged_state_dict,
 )
+from agents.training.reference import adapter_disabled_logprobs  # noqa: E402
 
 SETTINGS = LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.generation import models
+from agents.generation.hf import HFPolicy
 from agents.generation.models import (
     BUILTIN_MODELS,
     SMOLLM2_INSTALL,
@@ -26,7 +27,6 @@ from agents.generation.models import (
     load_policy_model,
     resolve_model,
 )
-from agents.generation.policy import HFPolicy
 from agents.types import SamplingParams
 
 

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.generation.base import render_chat
+from agents.generation.hf import HFPolicy, TokenTrie, sample_next
 from agents.generation.models import load_policy_model
-from agents.generation.policy import (
-    HFPolicy,
-    Policy,
-    TokenTrie,
-    VLLMPolicy,
-    render_chat,
-    sample_next,
-)
-from agents.types import SamplingParams
+from agents.generation.vllm import VLLMPolicy
+from agents.types import Policy, SamplingParams
 
 PROMPTS = [
     [{"role": "user", "content": "go to desk 1"}],
@@ -370,7 +365,7 @@ def test_prefill_runs_each_distinct_prompt_once_through_the_last_position(tiny) 
 
 
 def test_reserved_cache_is_filled_in_place(tiny) -> None:
-    from agents.generation.policy import _new_cache
+    from agents.generation.hf import _new_cache
 
     model, _ = tiny
     cache = _new_cache(model, 8, reserve=True)

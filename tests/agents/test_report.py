@@ -8,7 +8,6 @@ import math
 import pytest
 
 from agents.evaluation.report import (
-    ALFWORLD_SUBTASKS,
     EpisodeResult,
     load_report,
     plot_history,
@@ -16,6 +15,7 @@ from agents.evaluation.report import (
     wilson_interval,
     write_report,
 )
+from envs.alfworld.env import SUBTASKS as ALFWORLD_SUBTASKS
 
 
 def test_wilson_interval_matches_the_closed_form() -> None:

@@ -9,16 +9,13 @@ import time
 import pytest
 
 from agents.rollout.env_pool import WORKER_FAILED, EnvFactory, RayEnvPool, SerialEnvPool
-from agents.rollout.manager import (
+from agents.rollout.manager import RolloutConfig, RolloutManager, collect, group_seed
+from agents.rollout.prompts import (
     TRUNCATION_MARK,
     PromptState,
     PromptTemplate,
-    RolloutConfig,
-    RolloutManager,
     build_prompt,
-    collect,
     fit_prompt,
-    group_seed,
     load_template,
     read_task,
 )
@@ -154,8 +151,8 @@ def test_group_seeds_differ_and_repeat():
 
 @pytest.fixture(scope="module")
 def tiny():
+    from agents.generation.hf import HFPolicy
     from agents.generation.models import load_policy_model
-    from agents.generation.policy import HFPolicy
 
     model, tokenizer = load_policy_model("tiny")
     return HFPolicy(model, tokenizer, seed=0)
@@ -182,7 +179,7 @@ class CountingPolicy:
         return self.policy.generate(prompts, params, allowed=allowed)
 
 
-def check_rollout(trajs, metrics, *, groups, size, max_steps):
+def check_rollout(trajs, metrics, *, groups, size, max_turns):
     assert len(trajs) == groups * size
     assert [t.traj_id for t in trajs] == list(range(groups * size))
     for g in range(groups):
@@ -191,7 +188,7 @@ def check_rollout(trajs, metrics, *, groups, size, max_steps):
         assert len({t.game for t in members}) == 1  # the group's envs got the same game
         assert len({t.steps[0].anchor for t in members}) == 1
     for t in trajs:
-        assert 1 <= len(t.steps) <= max_steps
+        assert 1 <= len(t.steps) <= max_turns
         last = t.steps[-1]
         assert last.terminated or last.truncated
         assert not any(s.terminated or s.truncated for s in t.steps[:-1])
@@ -214,7 +211,7 @@ def test_rollout_alfworld_embedded_serial_batches_one_call_per_turn(tiny):
     policy = CountingPolicy(tiny)
     with SerialEnvPool(EnvFactory("alfworld", {"split": "embedded"}), 4) as pool:
         trajs, metrics = RolloutManager(policy, pool, ALF_CONFIG).collect(2, 2, 3, seed=5)
-    check_rollout(trajs, metrics, groups=2, size=2, max_steps=3)
+    check_rollout(trajs, metrics, groups=2, size=2, max_turns=3)
     assert policy.batches[0] == 4 and len(policy.batches) == metrics["rollout/turns"]
     assert policy.batches == sorted(policy.batches, reverse=True)
     # a random tiny model writes no <think>/<action> tags: invalid, and the env gets the raw text
@@ -233,7 +230,7 @@ def test_constrained_rollout_is_all_valid_on_shared_alfworld(tiny, shared_data):
     config = RolloutConfig(load_template("alfworld"), **SMALL, constrained=True)
     with SerialEnvPool(factory, 4) as pool:
         trajs, metrics = collect(tiny, pool, 2, 2, 3, config=config, seed=11)
-    check_rollout(trajs, metrics, groups=2, size=2, max_steps=3)
+    check_rollout(trajs, metrics, groups=2, size=2, max_turns=3)
     assert metrics["rollout/invalid_action_rate"] == 0.0
     assert "valid_unseen" in trajs[0].game
     for t in trajs:
@@ -253,7 +250,7 @@ def test_rollout_alfworld_through_ray_pool(tiny, ray_session, games, request):
     factory = EnvFactory("alfworld", kwargs)
     with RayEnvPool(factory, 4, envs_per_actor=2) as pool:
         trajs, metrics = collect(tiny, pool, 2, 2, 3, config=config, seed=5)
-    check_rollout(trajs, metrics, groups=2, size=2, max_steps=3)
+    check_rollout(trajs, metrics, groups=2, size=2, max_turns=3)
     assert metrics["rollout/invalid_action_rate"] == 0.0
     with SerialEnvPool(factory, 4) as pool:
         serial, _ = collect(tiny, pool, 2, 2, 3, config=config, seed=5)
@@ -262,7 +259,7 @@ def test_rollout_alfworld_through_ray_pool(tiny, ray_session, games, request):
 
 
 def test_prompts_fit_a_small_context(tiny):
-    from agents.generation.policy import HFPolicy
+    from agents.generation.hf import HFPolicy
 
     small = HFPolicy(tiny.model, tiny.tokenizer, max_context=200, seed=0)
     config = RolloutConfig(load_template("alfworld"), **SMALL, history_window=None)
@@ -279,14 +276,14 @@ def test_math_is_single_turn_and_the_response_is_the_action(tiny):
     config = RolloutConfig(load_template("math"), **SMALL, constrained=True)
     with SerialEnvPool(EnvFactory("math", {"dataset": "embedded"}), 4) as pool:
         trajs, metrics = collect(tiny, pool, 2, 2, 3, config=config, seed=0)
-    check_rollout(trajs, metrics, groups=2, size=2, max_steps=1)
+    check_rollout(trajs, metrics, groups=2, size=2, max_turns=1)
     for t in trajs:
         (s,) = t.steps
         assert s.terminated and s.action == s.response_text
         assert s.info["admissible_actions"] == []
 
 
-def test_max_steps_truncates_the_last_step(tiny):
+def test_max_turns_truncates_the_last_step(tiny):
     factory = functools.partial(MazeEnv, depth=6)
     config = RolloutConfig(load_template("maze"), **SMALL, constrained=True)
     with SerialEnvPool(factory, 2) as pool:

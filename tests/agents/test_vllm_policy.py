@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.generation.hf import HFPolicy
 from agents.generation.models import TinyConfig, build_tiny, load_policy_model
-from agents.generation.policy import HFPolicy, Policy, VLLMPolicy
-from agents.types import SamplingParams
+from agents.generation.vllm import VLLMPolicy
+from agents.types import Policy, SamplingParams
 
 pytestmark = [
     pytest.mark.vllm,

@@ -140,7 +140,7 @@ def scored(
     """Scores of the fixed response around two updates: one by the train loop (with its sync),
     then one by the learner alone (no sync); full fine-tuning, and LoRA (merged weights synced).
     """
-    overrides = [*SMALL, f"model.name={tiny_h32}", "trainer.lr=1e-2", "rollout.max_steps=1"]
+    overrides = [*SMALL, f"model.name={tiny_h32}", "trainer.lr=1e-2", "rollout.max_turns=1"]
     if request.param == "lora":
         pytest.importorskip("peft", reason="LoRA needs peft (the lora extra)")
         overrides += ["model.lora.r=8", "model.lora.target_modules=[all-linear]"]

@@ -25,7 +25,7 @@ CHECK = textwrap.dedent(
         cfg = compose("config", overrides=["experiment=holderpo_gigpo_alfworld"])
         assert cfg.env.name == "alfworld" and cfg.rollout.group_size == 8
         compose("evaluate", overrides=["policy=expert"])
-    from agents.rollout.manager import load_template
+    from agents.rollout.prompts import load_template
     for name in ("alfworld", "math", "text"):
         load_template(name)
     alf = envs.make("alfworld", split="embedded")

@@ -74,7 +74,7 @@ def _play(env: AlfWorldEnv, game: str) -> tuple[float, dict]:
 def test_registered_and_check_env(env: AlfWorldEnv) -> None:
     assert "alfworld" in envs.registered()
     made = envs.make("alfworld", split="embedded")
-    assert isinstance(made, AlfWorldEnv)
+    assert isinstance(made.unwrapped, AlfWorldEnv)
     made.close()
     check_env(env, skip_render_check=True)
 

@@ -49,7 +49,7 @@ def test_registered_factory_is_called_with_kwargs(fresh_registry):
         return TextEnv()
 
     envs.register("toy-factory", factory)
-    assert isinstance(envs.make("toy-factory", size=3), TextEnv)
+    assert isinstance(envs.make("toy-factory", size=3).unwrapped, TextEnv)
     assert seen == {"size": 3}
 
 
@@ -62,7 +62,7 @@ def test_entry_point_plugin_is_found_and_made(plugin_path):
     obs, info = env.reset(seed=0)
     check_info(info)
     word = obs.rsplit(" ", 1)[-1]
-    assert type(env).__module__ == plugin.package
+    assert type(env.unwrapped).__module__ == plugin.package
     assert env.step("not it")[1:3] == (0.0, False)
     assert env.step(word)[1:3] == (1.0, True)
 

@@ -1,7 +1,7 @@
 """Damaged, hostile or unfinished checkpoints: verified, skipped with a reason, never executed.
 
 Real tiny model, real learner updates, both layouts (one-process safetensors and sharded DCP
-written in one process); the resume path is :func:`agents.training.distributed.resume_checkpoint`,
+written in one process); the resume path is :func:`agents.training.checkpoint.resume_checkpoint`,
 which
 ``python -m agents.train resume=true`` calls, and the CLIs run as real subprocesses at the end.
 """
@@ -26,13 +26,8 @@ import torch
 
 from agents.generation.models import load_policy_model
 from agents.training import checkpoint
-from agents.training.distributed import (
-    DistContext,
-    full_state_dict,
-    load_model_weights,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from agents.training.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
+from agents.training.distributed import DistContext, full_state_dict
 from agents.training.learner import Learner, LearnerConfig
 from holderpo.loss import PRESETS
 from tests.agents.test_checkpoint import _batch, _vocab
@@ -291,7 +286,7 @@ TINY = [
     "model=tiny",
     "rollout.num_groups=1",
     "rollout.group_size=2",
-    "rollout.max_steps=2",
+    "rollout.max_turns=2",
     "rollout.max_new_tokens=16",
     "trainer.mini_batch_size=4",
     "trainer.micro_batch_size=2",
@@ -319,7 +314,7 @@ def test_train_cli_cleans_up_falls_back_and_evaluate_ignores_the_trainer_state(
             "model=tiny",
             f"checkpoint={run_dir / 'ckpt-000002'}",
             "episodes=1",
-            "max_steps=1",
+            "max_turns=1",
             f"run_dir={tmp_path / 'eval'}",
         ],
         cache,

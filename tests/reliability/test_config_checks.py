@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from agents.config import ConfigError, build_run_config
 from agents.generation.models import resolve_model
-from agents.run.preflight import EXIT_CONFIG_ERROR, preflight
+from agents.run.preflight import EXIT_CONFIG_ERROR, check_renamed, preflight
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -40,7 +40,7 @@ BAD_OVERRIDES: list[tuple[tuple[str, ...], str, str]] = [
     (("trainer.keep=0",), "trainer.keep", "clear"),
     (("trainer.device=tpu",), "trainer.device", "clear"),
     (("rollout.num_groups=0",), "rollout.num_groups", "clear"),
-    (("rollout.max_steps=0",), "rollout.max_steps", "clear"),
+    (("rollout.max_turns=0",), "rollout.max_turns", "clear"),
     (("rollout.num_workers=0",), "rollout.num_workers", "clear"),
     (("protocol.gamma=2",), "gamma", "clear"),
     (("protocol.mode=median",), "mode", "clear"),
@@ -205,6 +205,33 @@ def test_debug_true_shows_the_traceback(cache: Path, tmp_path: Path) -> None:
     assert proc.returncode not in (0, EXIT_CONFIG_ERROR)
     assert "trainer.eval_episodes must be >= 1" in proc.stderr
     assert "Traceback" in proc.stderr or "HYDRA_FULL_ERROR" in proc.stderr
+    assert _written(run_dir) == []
+
+
+def test_a_renamed_key_names_its_new_key(cache: Path) -> None:
+    with pytest.raises(ConfigError, match="rollout.max_steps is now rollout.max_turns"):
+        build_run_config(_tree(cache, "+rollout.max_steps=2"))  # a config file's old key too
+    for arg in ("rollout.max_steps=2", "+rollout.max_steps=2", "++rollout.max_steps=2"):
+        with pytest.raises(ConfigError, match="renamed rollout.max_turns .*rollout.max_turns=2"):
+            check_renamed([arg])
+    with pytest.raises(ConfigError, match="use rollout.max_turns=<value>"):
+        check_renamed(["~rollout.max_steps"])
+    check_renamed(["env.kwargs.max_steps=10", "--cfg", "job", "-m", "rollout.max_turns=2"])
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "fragment"),
+    [
+        ("agents.train", ["rollout.max_steps=2"], "use rollout.max_turns=2"),
+        ("agents.evaluate", ["policy=expert", "max_steps=3"], "use max_turns=3"),
+    ],
+)
+def test_a_renamed_key_on_the_command_line_names_the_new_key(
+    cache: Path, tmp_path: Path, module: str, args: list[str], fragment: str
+) -> None:
+    proc, run_dir = _cli(module, args, cache, tmp_path)  # Hydra alone: "not in struct"
+    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-3000:]
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
     assert _written(run_dir) == []
 
 

@@ -18,18 +18,15 @@ import torch.multiprocessing as mp
 
 from agents.generation.models import load_policy_model
 from agents.training import checkpoint
+from agents.training.checkpoint import resume_checkpoint, save_checkpoint
 from agents.training.distributed import (
-    DistributedLearner,
     barrier,
     close_distributed,
     full_state_dict,
     init_local_process,
-    resume_checkpoint,
-    save_checkpoint,
-    shard_batch,
     shard_model,
 )
-from agents.training.learner import LearnerConfig
+from agents.training.learner import Learner, LearnerConfig
 from holderpo.loss import PRESETS
 from tests.reliability.test_checkpoint_corruption import _batch, _flip
 
@@ -37,9 +34,9 @@ WORLD = 2
 LEARNER = LearnerConfig(mini_batch_size=4, micro_batch_size=2, lr=1e-2)
 
 
-def _learner(cache: Path, ctx: Any) -> DistributedLearner:
+def _learner(cache: Path, ctx: Any) -> Learner:
     model, _ = load_policy_model("tiny", device="cpu", cache_dir=cache)
-    return DistributedLearner(shard_model(model, ctx), PRESETS["grpo"], LEARNER, ctx)
+    return Learner(shard_model(model, ctx), PRESETS["grpo"], LEARNER, ctx)
 
 
 def _enospc(*args: object, **kwargs: object) -> None:
@@ -56,7 +53,7 @@ def _worker(rank: int, port: int, cache: Path, out: Path) -> None:
         vocab = 600
         weights = {}
         for it in (1, 2):
-            learner.update(shard_batch(_batch(it, vocab), ctx), p=1.0)
+            learner.update(_batch(it, vocab).shard(ctx.rank, ctx.world_size), p=1.0)
             state = checkpoint.TrainingState(it, it, 1.0)
             save_checkpoint(run_dir, learner=learner, state=state, ctx=ctx, keep=2)
             weights[it] = full_state_dict(learner.model)

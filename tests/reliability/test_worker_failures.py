@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from agents.generation.hf import HFPolicy
 from agents.generation.models import load_policy_model
-from agents.generation.policy import HFPolicy
 from agents.rollout.env_pool import WORKER_FAILED, EnvWorkerError, RayEnvPool
-from agents.rollout.manager import RolloutConfig, collect, load_template
+from agents.rollout.manager import RolloutConfig, collect
+from agents.rollout.prompts import load_template
 from agents.train import without_rows
 from agents.training.learner import Learner, LearnerConfig
 from agents.types import Step, Trajectory, collate

@@ -1,0 +1,285 @@
+"""Evaluation episodes, stages and their reports: what training and ``agents.evaluate`` share.
+
+An evaluation plays the env's own fixed task list (:func:`eval_tasks`, never the training
+sampler's), greedily with the run's policy (:func:`policy_episodes`) or with a baseline actor
+(:func:`run_episodes`), and scores it per subtask (:mod:`agents.evaluation.report`). The subtasks a
+report always lists, in order, are the ones the env declares (its ``subtasks`` attribute, e.g.
+ALFWorld's six); an env that declares none gets the ones its episodes met, sorted. ``stage=k``
+starts every episode ``k`` expert actions from the goal (the reverse curriculum's stages,
+:mod:`envs.prefix`); :func:`evaluate_stages` evaluates every stage of ``curriculum.eval_stages``
+and writes each its own report, with the rule baselines (:mod:`agents.evaluation.baselines`)
+beside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agents.config import RunConfig
+from agents.evaluation.baselines import RULE_BASELINES, Actor, rule_baselines
+from agents.evaluation.report import (
+    EpisodeResult,
+    Report,
+    load_report,
+    plot_history,
+    stage_table,
+    summarise,
+    write_report,
+)
+from agents.rollout.curriculum import Stage, parse_stage, stage_name, stage_options
+from agents.rollout.env_pool import EnvFactory, EnvPool
+from agents.rollout.manager import RolloutManager
+from agents.types import Trajectory
+from envs.base import InfoKeys
+
+if TYPE_CHECKING:
+    from agents.run.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalTasks:
+    """The tasks of one evaluation and the subtasks its report lists."""
+
+    seeds: tuple[int, ...]
+    """Reset seed of each episode."""
+    subtasks: tuple[str, ...]
+    """The env's declared ``subtasks``, in report order (``()``: it declares none)."""
+
+
+def eval_tasks(cfg: RunConfig, episodes: int | None) -> EvalTasks:
+    """The reset seeds of an evaluation and the subtasks the evaluation env declares.
+
+    Envs with a finite task list play task ``i mod n`` for seed ``i``: all ``n`` tasks when
+    ``episodes`` is None or at least ``n``, else ``episodes`` tasks spread evenly over the list
+    (so every subtask of a sorted list is represented). Other envs get seeds ``0 .. episodes-1``.
+    """
+    env = EnvFactory(cfg.env.name, {**cfg.env.kwargs, **cfg.env.eval_kwargs})()
+    try:
+        n = getattr(env.unwrapped, "num_tasks", None)
+        subtasks = tuple(str(s) for s in getattr(env.unwrapped, "subtasks", None) or ())
+    finally:
+        env.close()
+    if n is None:
+        seeds = list(range(episodes or cfg.trainer.eval_episodes))
+    elif episodes is None or episodes >= n:
+        seeds = list(range(n))
+    else:
+        seeds = [i * n // episodes for i in range(episodes)]
+    return EvalTasks(tuple(seeds), subtasks)
+
+
+def run_episodes(
+    actor: Actor, pool: EnvPool, seeds: Sequence[int], *, max_turns: int, stage: Stage = None
+) -> list[EpisodeResult]:
+    """Play one episode per seed with ``actor``, ``pool.num_envs`` episodes at a time.
+
+    ``stage=k`` starts each episode ``k`` expert actions from the goal (``None``: the game);
+    the replayed expert actions are not counted in the episode's steps.
+    """
+    results: list[EpisodeResult] = []
+    for start in range(0, len(seeds), pool.num_envs):
+        chunk = list(seeds[start : start + pool.num_envs])
+        results += _play(actor, pool, chunk, max_turns, stage)
+    return results
+
+
+def _play(
+    actor: Actor, pool: EnvPool, seeds: list[int], max_turns: int, stage: Stage
+) -> list[EpisodeResult]:
+    envs_idx = list(range(len(seeds)))
+    options = [stage_options(stage)] * len(seeds)
+    obs_info = dict(zip(envs_idx, pool.reset(envs_idx, seeds, options), strict=True))
+    steps = dict.fromkeys(envs_idx, 0)
+    valid = dict.fromkeys(envs_idx, 0)
+    reward = dict.fromkeys(envs_idx, 0.0)
+    done: dict[int, EpisodeResult] = {}
+    for _ in range(max_turns):
+        active = [i for i in envs_idx if i not in done]
+        if not active:
+            break
+        actions = actor.act([obs_info[i][0] for i in active], [obs_info[i][1] for i in active])
+        for i, res in zip(active, pool.step(active, actions), strict=True):
+            steps[i] += 1
+            valid[i] += bool(res.info.get(InfoKeys.ACTION_VALID, True))
+            reward[i] += res.reward
+            obs_info[i] = (res.obs, dict(res.info))
+            if res.terminated or res.truncated:
+                done[i] = _result(res.info, steps[i], valid[i], reward[i])
+    for i in envs_idx:
+        if i not in done:
+            done[i] = _result(obs_info[i][1], steps[i], valid[i], reward[i])
+    return [done[i] for i in envs_idx]
+
+
+def _result(info: Any, steps: int, valid_steps: int, reward: float) -> EpisodeResult:
+    return EpisodeResult(
+        subtask=str(info.get(InfoKeys.SUBTASK, "unknown")),
+        success=bool(info.get(InfoKeys.WON, False)),
+        steps=steps,
+        reward=reward,
+        valid_steps=valid_steps,
+    )
+
+
+def policy_episodes(
+    cfg: RunConfig, rt: Runtime, pool: EnvPool, seeds: Sequence[int], *, stage: Stage = None
+) -> list[EpisodeResult]:
+    """One greedy episode of the run's policy per seed, ``pool.num_envs`` at a time."""
+    manager = RolloutManager(rt.policy, pool, dataclasses.replace(rt.rollout.config, greedy=True))
+    results: list[EpisodeResult] = []
+    for start in range(0, len(seeds), pool.num_envs):
+        chunk = list(seeds[start : start + pool.num_envs])
+        trajectories, _ = manager.collect(
+            len(chunk),
+            1,
+            cfg.rollout.max_turns,
+            seed=0,
+            group_seeds=chunk,
+            group_options=[stage_options(stage)] * len(chunk),
+        )
+        results += [_from_trajectory(t) for t in trajectories]
+    return results
+
+
+def _from_trajectory(t: Trajectory) -> EpisodeResult:
+    return EpisodeResult(
+        subtask=t.subtask,
+        success=t.success,
+        steps=len(t.steps),
+        reward=t.total_reward,
+        valid_steps=sum(s.action_valid for s in t.steps),
+    )
+
+
+def stage_dir(run_dir: Path, stage: Stage) -> Path:
+    """Where a stage's reports go: ``eval/`` for the game, ``eval/stage-k<k>/`` otherwise."""
+    root = run_dir / "eval"
+    return root if stage is None else root / f"stage-{stage_name(stage)}"
+
+
+def report_history(run_dir: Path, stage: Stage = None) -> list[Report]:
+    """All evaluation reports written during a run at one stage (default the game), by iteration."""
+    paths = sorted(stage_dir(run_dir, stage).glob("iter-*.json"))
+    return [load_report(p) for p in paths]
+
+
+def finish_reports(run_dir: Path) -> Path | None:
+    """Plot success per subtask over training from the run's evaluation reports (per stage).
+
+    Returns the plot of the ordinary game (or of the first stage evaluated when it was not).
+    """
+    folders = sorted((run_dir / "eval").glob("stage-k*"))
+    stages: list[Stage] = [None, *(parse_stage(f.name.removeprefix("stage-k")) for f in folders)]
+    plots = []
+    for stage in stages:
+        history = report_history(run_dir, stage)
+        if history:
+            path = stage_dir(run_dir, stage) / "success_over_training.png"
+            plots.append(plot_history(history, path))
+    return plots[0] if plots else None
+
+
+def save_report(report: Report, run_dir: Path, stem: str, stage: Stage = None) -> None:
+    """Write the report's JSON and Markdown under the stage's folder and log the table."""
+    _, md_path = write_report(report, stage_dir(run_dir, stage), stem)
+    log.info("evaluation report: %s\n%s", md_path, report.to_markdown())
+
+
+def evaluate_policy(
+    cfg: RunConfig,
+    rt: Runtime,
+    *,
+    iteration: int | None = None,
+    tasks: EvalTasks | None = None,
+    stage: Stage = None,
+) -> Report:
+    """Greedy (Pass@1) evaluation of the run's policy on the eval envs during training.
+
+    The tasks are the evaluation's own fixed list (:func:`eval_tasks`), never the training
+    sampler's; ``stage=k`` starts each episode ``k`` expert actions from the goal.
+    """
+    if tasks is None:
+        tasks = eval_tasks(cfg, cfg.trainer.eval_episodes)
+    results = policy_episodes(cfg, rt, rt.eval_pool(), tasks.seeds, stage=stage)
+    label = " ".join(
+        [cfg.env.name, cfg.model.name]
+        + ([f"stage {stage_name(stage)}"] if stage is not None else [])
+        + ([f"iteration {iteration}"] if iteration else [])
+    )
+    stem = f"iter-{iteration:06d}" if iteration is not None else "final"
+    report = summarise(results, subtasks=tasks.subtasks, label=label, iteration=iteration)
+    save_report(report, cfg.run_dir, stem, stage)
+    return report
+
+
+def evaluate_stages(cfg: RunConfig, rt: Runtime, *, iteration: int | None) -> dict[str, float]:
+    """Evaluate at every stage of ``curriculum.eval_stages``; their metrics.
+
+    The ordinary game reports ``eval/success/<subtask>`` and ``eval/valid/<subtask>`` (share of
+    valid steps), stage ``k`` reports ``eval/k<k>/success/<subtask>`` and ``eval/k<k>/valid/...``.
+    With several stages, ``eval/stages-<stem>.md`` puts them side by side (one column per stage).
+    """
+    tasks = eval_tasks(cfg, cfg.trainer.eval_episodes)
+    reports: dict[str, Report] = {}
+    metrics: dict[str, float] = {}
+    for stage in cfg.curriculum.stages:
+        report = evaluate_policy(cfg, rt, iteration=iteration, tasks=tasks, stage=stage)
+        reports[stage_name(stage)] = report
+        prefix = "eval" if stage is None else f"eval/{stage_name(stage)}"
+        metrics.update(report.metrics(prefix))
+    baselines = baseline_reports(cfg, rt, tasks) if cfg.trainer.eval_baselines else {}
+    if len(reports) > 1 or baselines:
+        stem = f"iter-{iteration:06d}" if iteration is not None else "final"
+        label = f"{cfg.env.name} {cfg.model.name} by stage" + (
+            f" iteration {iteration}" if iteration is not None else ""
+        )
+        columns: dict[str, Report] = {}
+        for name_of_stage, report in reports.items():
+            columns[f"{name_of_stage}: model" if baselines else name_of_stage] = report
+            columns.update(
+                {f"{name_of_stage}: {b}": r[name_of_stage] for b, r in baselines.items()}
+            )
+        folder = cfg.run_dir / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"stages-{stem}.md").write_text(stage_table(columns, label=label))
+    return metrics
+
+
+def baseline_reports(cfg: RunConfig, rt: Runtime, tasks: EvalTasks) -> dict[str, dict[str, Report]]:
+    """The rule baselines (:func:`~agents.evaluation.baselines.rule_baselines`) at every stage.
+
+    Played once per run on the evaluation's tasks, with the same turn limit as the policy, and
+    kept under ``eval/baselines/`` (later evaluations of the run read them back). Empty for an
+    env without admissible actions or expert plans (math).
+    """
+    folder = cfg.run_dir / "eval" / "baselines"
+    stages = [stage_name(stage) for stage in cfg.curriculum.stages]
+    names = RULE_BASELINES
+    paths = {(n, s): folder / f"{n.replace(' ', '_')}-{s}.json" for s in stages for n in names}
+    if not all(p.is_file() for p in paths.values()):
+        actors = rule_baselines(
+            EnvFactory(cfg.env.name, dict(cfg.env.kwargs)), seed=cfg.trainer.seed
+        )
+        if actors is None:
+            return {}
+        for stage in cfg.curriculum.stages:
+            for name, actor in actors.items():
+                path = paths[name, stage_name(stage)]
+                if path.is_file():
+                    continue
+                results = run_episodes(
+                    actor, rt.eval_pool(), tasks.seeds, max_turns=cfg.rollout.max_turns, stage=stage
+                )
+                if not any(r.steps for r in results):
+                    return {}
+                label = f"{name} baseline, stage {stage_name(stage)}"
+                report = summarise(results, subtasks=tasks.subtasks, label=label)
+                write_report(report, folder, path.stem)
+    return {n: {s: load_report(paths[n, s]) for s in stages} for n in names}

@@ -1,0 +1,314 @@
+"""Token log-probs of a causal LM: the distribution the generator sampled from, on loss tokens.
+
+:func:`token_logprobs` is what every part of training computes π with (π_θ, π_old, π_ref and the
+entropy): ``log_softmax(logits / T)`` at the sampling temperature ``T``, through the output head
+on the positions that carry loss only, in checkpointed chunks, so the logits [N, L, V] are never
+held for the whole batch (docs/training.md, "Memory of the output head").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from agents.types import Batch
+
+LOGPROB_CHUNK_TOKENS = 256
+"""Default loss tokens per output-head chunk of :func:`token_logprobs`
+(:attr:`agents.training.learner.LearnerConfig.logprob_chunk_tokens`)."""
+
+
+def token_logprobs(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = LOGPROB_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each response token given the tokens before it, and optionally the entropy.
+
+    The distribution is the one the generator sampled from, ``log_softmax(logits / T)`` at
+    sampling temperature ``T`` (as verl and TRL compute it), so π_θ and π_old agree with the
+    generator's log-probs and the first importance ratio is 1 for any ``T``.
+
+    With ``chunk_tokens`` > 0 (:func:`_chunked_token_logprobs`) only the positions that carry loss
+    go through the output head, ``chunk_tokens`` at a time, each chunk's logits recomputed in the
+    backward instead of saved: peak memory is O(chunk_tokens·V) instead of O(N·K·V). ``0`` or
+    ``None`` (or a model whose forward does not return its head's output unchanged) takes the
+    unchunked path (:func:`_span_token_logprobs`). Both give the same values and gradients on the
+    loss mask.
+
+    Returns:
+        ``logp`` [N, L] and ``entropy`` [N, L] or ``None``; 0 at position 0 (which nothing
+        predicts) and outside the response span. The chunked path also leaves 0 at the positions
+        inside the span that carry no loss (every consumer masks them).
+    """
+    if chunk_tokens:
+        out = _chunked_token_logprobs(
+            model, batch, temperature=temperature, with_entropy=with_entropy, chunk=chunk_tokens
+        )
+        if out is not None:
+            return out
+    return _span_token_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy)
+
+
+def _span_token_logprobs(
+    model: nn.Module, batch: Batch, *, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unchunked :func:`token_logprobs`: the span first..last through the head in one piece.
+
+    Only the span of positions holding response tokens (in any row) goes through the output
+    head: prompts are long and responses short in multi-turn rollouts, and the head with its
+    vocabulary-wide softmax would otherwise dominate the cost. The logits [N, K, V] and their
+    log-softmax are held for the backward.
+    """
+    n, length = batch.input_ids.shape
+    logp = torch.zeros((n, length), device=batch.input_ids.device)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    span = batch.loss_mask[:, 1:].any(0).nonzero().flatten() + 1  # response token positions
+    # tokens first..last are predicted from positions first-1..last-1; with no response token the
+    # model still runs on one position (a sharded forward is a collective every rank must join)
+    first, last = (int(span[0]), int(span[-1])) if span.numel() else (length - 1, length - 1)
+    keep = torch.arange(first - 1, last, device=batch.input_ids.device)  # [K]
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        logits_to_keep=keep,
+        use_cache=False,  # no KV cache: nothing is decoded after this forward
+    ).logits  # [N, K, V]
+    log_probs = _log_softmax(logits, temperature)  # [N, K, V]
+    targets = batch.input_ids[:, first : last + 1, None]  # [N, K, 1]
+    logp = logp.to(log_probs.dtype)
+    logp[:, first : last + 1] = torch.gather(log_probs, 2, targets).squeeze(-1)
+    if entropy is None:
+        return logp, None
+    entropy = entropy.to(log_probs.dtype)
+    entropy[:, first : last + 1] = -(log_probs.exp() * log_probs).sum(-1)  # [N, K]
+    return logp, entropy
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` over the last axis, in at least float32 -> [..., V]."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1)
+
+
+@dataclass(frozen=True)
+class _LossTokens:
+    """The response tokens that carry loss, flattened: T of them over the whole micro-batch."""
+
+    keep: torch.Tensor
+    """[K] positions whose hidden state predicts a loss token in some row (``logits_to_keep``)."""
+    rows: torch.Tensor
+    """[T] row of each loss token."""
+    cols: torch.Tensor
+    """[T] index into ``keep`` of the position predicting it (the token sits at ``keep + 1``)."""
+    targets: torch.Tensor
+    """[T] the token ids."""
+
+    @classmethod
+    def of(cls, batch: Batch) -> _LossTokens:
+        """The loss tokens of ``batch`` (ordered row by row, then by position)."""
+        predicts = batch.loss_mask[:, 1:].bool()  # [N, L-1]: position j predicts token j+1
+        keep = predicts.any(0).nonzero().flatten()  # [K]
+        if keep.numel() == 0:  # no response token: one position still runs (a sharded forward
+            # is a collective every rank must join)
+            keep = torch.full(
+                (1,), max(predicts.shape[1] - 1, 0), dtype=torch.long, device=keep.device
+            )
+        rows, cols = predicts[:, keep].nonzero(as_tuple=True)  # [T], [T]
+        return cls(keep, rows, cols, batch.input_ids[rows, keep[cols] + 1])
+
+    def scatter(self, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``values`` [T] laid out at the loss tokens' places of a zero [N, L] tensor."""
+        out = values.new_zeros(shape)
+        return out.index_put((self.rows, self.keep[self.cols] + 1), values)
+
+
+def _chunked_token_logprobs(
+    model: nn.Module, batch: Batch, *, temperature: float, with_entropy: bool, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`token_logprobs` through the head ``chunk`` loss tokens at a time, or ``None``.
+
+    The model's own forward runs (so FSDP's hooks, PEFT adapters and gradient checkpointing are
+    untouched), with its output head swapped for :func:`_head_in_chunks` for that one call: it
+    receives the final hidden states [N, K, H] of the kept positions and returns the packed
+    [S, T] log-probs (and entropies) in place of the logits. ``None`` when the model has no
+    output head, or its forward does not hand the head's output back unchanged (e.g. a logit
+    soft-cap after the head): the caller then takes the unchunked path.
+    """
+    head = _output_head(model)
+    if head is None or type(model) in _UNCHUNKABLE:
+        return None
+    tokens = _LossTokens.of(batch)
+    calls: list[torch.Tensor | None] = []
+    head_forward = head.forward
+
+    def chunked_head(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[:2] != (len(batch), len(tokens.keep)) or calls:
+            calls.append(None)  # not the call this function expects: let the model go on
+            return head_forward(hidden)
+        packed = _head_in_chunks(head_forward, hidden, tokens, temperature, with_entropy, chunk)
+        calls.append(packed)
+        return packed
+
+    with _replaced_forward(head, chunked_head):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=tokens.keep,
+            use_cache=False,  # no KV cache: nothing is decoded after this forward
+        )
+    if len(calls) != 1 or calls[0] is None or out.logits is not calls[0]:
+        _UNCHUNKABLE.add(type(model))
+        warnings.warn(
+            f"{type(model).__name__}: its forward does not return its output head's result "
+            "unchanged, so token log-probs are computed unchunked (trainer.logprob_chunk_tokens "
+            "has no effect on this model)",
+            stacklevel=3,
+        )
+        return None
+    packed = out.logits  # [S, T]
+    shape = batch.input_ids.shape
+    logp = tokens.scatter(packed[0], shape)
+    return logp, tokens.scatter(packed[1], shape) if with_entropy else None
+
+
+_UNCHUNKABLE: set[type] = set()
+"""Model classes whose forward changed or bypassed the chunked head (they run unchunked)."""
+
+
+def _head_in_chunks(
+    head_forward: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    tokens: _LossTokens,
+    temperature: float,
+    with_entropy: bool,
+    chunk: int,
+) -> torch.Tensor:
+    """Log-probs (row 0) and entropies (row 1, ``with_entropy``) of the loss tokens -> [S, T].
+
+    ``hidden`` [N, K, H] are the final hidden states at ``tokens.keep``. Each chunk of ``chunk``
+    tokens runs head + temperature + log-softmax + gather under non-reentrant activation
+    checkpointing, so only its input [chunk, H] is held for the backward, which recomputes the
+    chunk's logits [chunk, V]. With no loss token one empty chunk still runs, so the result
+    depends on every parameter (a backward through it is a valid, zero, collective).
+    """
+    picked = hidden[tokens.rows, tokens.cols]  # [T, H]
+    checkpointed = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, max(len(tokens.targets), 1), chunk):
+        args = (picked[start : start + chunk], tokens.targets[start : start + chunk])
+        if checkpointed:
+            part = checkpoint(
+                _head_chunk, head_forward, *args, temperature, with_entropy, use_reentrant=False
+            )
+        else:
+            part = _head_chunk(head_forward, *args, temperature, with_entropy)
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
+def _head_chunk(
+    head_forward: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> torch.Tensor:
+    """One chunk: ``hidden`` [c, H], ``targets`` [c] -> [S, c] (log-prob; entropy)."""
+    logits = head_forward(hidden)  # [c, V]
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # log-softmax in at least float32
+    out = _TokenLogprobEntropy.apply(logits, targets, temperature, with_entropy)
+    assert isinstance(out, torch.Tensor)  # for the type checker: apply returns forward's result
+    return out
+
+
+class _TokenLogprobEntropy(torch.autograd.Function):
+    """``log softmax(z / T)[y]`` and the entropy of ``softmax(z / T)`` with a written-out backward.
+
+    Autograd through ``log_softmax`` + ``gather`` + the entropy keeps and re-reads several
+    [c, V] tensors; here the forward keeps only ``z`` and the log-normaliser (both recomputed
+    under the chunk's checkpoint) and the backward is, with s = z/T, log p = s - logsumexp(s):
+    ∂ log p_y / ∂s = e_y - p and ∂H / ∂s = -p ⊙ (log p + H) (H = -Σ p log p).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> torch.Tensor:
+        """``logits`` [c, V] (float32 or wider), ``targets`` [c] -> [S, c]."""
+        scaled = logits / temperature if temperature != 1.0 else logits  # [c, V]
+        lse = torch.logsumexp(scaled, dim=-1)  # [c]
+        logp = scaled.gather(1, targets[:, None]).squeeze(1) - lse  # [c]
+        entropy = logp.new_zeros(0)
+        if with_entropy:
+            log_p = scaled - lse[:, None]  # [c, V]
+            entropy = -(log_p.exp() * log_p).sum(-1)  # [c]
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature = temperature
+        return torch.stack([logp, entropy]) if with_entropy else logp[None]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        """``grad`` [S, c] -> the gradient [c, V] of the logits."""
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature: float = ctx.temperature
+        g_logp = grad[0][:, None]  # [c, 1]
+        log_p = logits.div(temperature).sub_(lse[:, None])  # [c, V]
+        del logits  # (recomputed by the chunk's checkpoint) one [c, V] fewer from here on
+        if len(grad) > 1:  # with the entropy
+            p = log_p.exp()
+            coef = log_p.add_(entropy[:, None]).mul_(grad[1][:, None]).add_(g_logp)
+            grad_s = p.mul_(coef).neg_()  # -p ⊙ (g_logp + g_H (log p + H))
+        else:
+            grad_s = log_p.exp_().mul_(-g_logp)  # -g_logp · p
+        grad_s.scatter_add_(1, targets[:, None], g_logp)  # + g_logp · e_y
+        if temperature != 1.0:
+            grad_s.div_(temperature)  # ∂s/∂z = 1/T
+        return grad_s, None, None, None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The module that maps final hidden states to logits (``lm_head``), or ``None``.
+
+    ``get_output_embeddings`` is the transformers API for it; a PEFT model forwards the call to
+    its base model, an FSDP-sharded model is still an instance of its class.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+@contextlib.contextmanager
+def _replaced_forward(
+    module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """``module.forward`` is ``forward`` inside the block (its hooks still run), then restored."""
+    previous = module.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous

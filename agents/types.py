@@ -77,6 +77,16 @@ class Policy(Protocol):
         """One response per chat prompt, in order."""
         ...
 
+    def generate_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        allowed: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[Generation]:
+        """As :meth:`generate`, from tokenised prompts (the rollout fits and tokenises once)."""
+        ...
+
     def prompt_ids(self, prompt: Sequence[Message]) -> list[int]:
         """Token ids of one rendered chat prompt (generation prompt appended)."""
         ...

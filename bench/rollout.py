@@ -28,7 +28,7 @@ from agents.rollout.prompts import load_template  # noqa: E402
 
 
 class OneAtATime:
-    """A policy whose ``generate`` loops over the prompts with batch-size-1 calls (the baseline)."""
+    """A policy that generates prompt by prompt with batch-size-1 calls (the baseline)."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -39,11 +39,11 @@ class OneAtATime:
     def prompt_ids(self, prompt):
         return self.policy.prompt_ids(prompt)
 
-    def generate(self, prompts, params, *, allowed=None):
+    def generate_ids(self, ids, params, *, allowed=None):
         out = []
-        for i, p in enumerate(prompts):
+        for i, row in enumerate(ids):
             one = None if allowed is None else [allowed[i]]
-            out += self.policy.generate([p], params, allowed=one)
+            out += self.policy.generate_ids([row], params, allowed=one)
         return out
 
 

@@ -217,9 +217,9 @@ class RolloutManager:
         allowed = self._allowed(active)
         sampling = self._sampling_for(allowed)
         budget = self.policy.max_context - sampling.max_new_tokens
-        prompts = [self._prompt(e, budget) for e in active]
+        prompt_ids = [self._prompt_ids(e, budget) for e in active]
         t1 = time.perf_counter()
-        gens = self.policy.generate(prompts, sampling, allowed=allowed)
+        gens = self.policy.generate_ids(prompt_ids, sampling, allowed=allowed)
         t2 = time.perf_counter()
         parsed = [self._parse(g.text, e) for g, e in zip(gens, active, strict=True)]
         results = self.pool.step([e.env for e in active], [p.action for p in parsed])
@@ -230,14 +230,28 @@ class RolloutManager:
         for e, g, p, r in zip(active, gens, parsed, results, strict=True):
             _record(e, g, p, r, last=last)
 
-    def _prompt(self, episode: _Episode, budget: int) -> list[Message]:
-        def count(prompt: list[Message]) -> int:
-            return len(self.policy.prompt_ids(prompt))
+    def _prompt_ids(self, episode: _Episode, budget: int) -> list[int]:
+        """Token ids of the turn's prompt, fitted to ``budget``.
+
+        Each rendering is tokenised once: the fitted prompt's ids are generated from, not the text.
+        """
+        seen: dict[tuple[tuple[str, str], ...], list[int]] = {}
+
+        def ids(prompt: list[Message]) -> list[int]:
+            key = tuple((m["role"], m["content"]) for m in prompt)
+            if key not in seen:
+                seen[key] = self.policy.prompt_ids(prompt)
+            return seen[key]
 
         window = self.config.history_window
-        return fit_prompt(
-            self.config.template, episode.state(), window=window, budget=budget, count_tokens=count
+        fitted = fit_prompt(
+            self.config.template,
+            episode.state(),
+            window=window,
+            budget=budget,
+            count_tokens=lambda prompt: len(ids(prompt)),
         )
+        return ids(fitted)
 
     def _allowed(self, active: list[_Episode]) -> list[list[str] | None] | None:
         """Per episode, the exact responses constrained decoding may produce (None: free)."""

@@ -371,13 +371,16 @@ class RecordingPolicy:
         self.max_context = policy.max_context
         self.pad_id = policy.pad_id
         self.prompts: list = []
+        self.rendered: dict = {}  # prompt ids -> the chat prompt they were tokenised from
 
     def prompt_ids(self, prompt):
-        return self.policy.prompt_ids(prompt)
+        ids = self.policy.prompt_ids(prompt)
+        self.rendered[tuple(ids)] = prompt
+        return ids
 
-    def generate(self, prompts, params, *, allowed=None):
-        self.prompts += prompts
-        return self.policy.generate(prompts, params, allowed=allowed)
+    def generate_ids(self, ids, params, *, allowed=None):
+        self.prompts += [self.rendered[tuple(row)] for row in ids]
+        return self.policy.generate_ids(ids, params, allowed=allowed)
 
 
 @pytest.fixture(scope="module")

@@ -172,11 +172,11 @@ class CountingPolicy:
     def prompt_ids(self, prompt):
         return self.policy.prompt_ids(prompt)
 
-    def generate(self, prompts, params, *, allowed=None):
-        self.batches.append(len(prompts))
+    def generate_ids(self, ids, params, *, allowed=None):
+        self.batches.append(len(ids))
         if self.on_call:
             self.on_call(len(self.batches))
-        return self.policy.generate(prompts, params, allowed=allowed)
+        return self.policy.generate_ids(ids, params, allowed=allowed)
 
 
 def check_rollout(trajs, metrics, *, groups, size, max_turns):

@@ -296,11 +296,11 @@ class StopOnTurn:
     def prompt_ids(self, prompt: Any) -> Any:
         return self.policy.prompt_ids(prompt)
 
-    def generate(self, prompts: Any, params: Any, *, allowed: Any = None) -> Any:
+    def generate_ids(self, ids: Any, params: Any, *, allowed: Any = None) -> Any:
         self.calls += 1
         if self.calls == self.turn:
             os.kill(self.pid, signal.SIGSTOP)
-        return self.policy.generate(prompts, params, allowed=allowed)
+        return self.policy.generate_ids(ids, params, allowed=allowed)
 
 
 def test_a_rollout_with_a_stopped_actor_trains_on_the_other_groups_only(ray_session, tiny) -> None:

@@ -1,11 +1,11 @@
 """Train a policy: ``python -m agents.train env=alfworld`` (Hydra overrides, ``configs/``).
 
 One iteration: collect rollouts (:mod:`agents.rollout.manager`) -> advantages (the configured
-protocol) ->
-:func:`~agents.types.collate` -> :meth:`Learner.update` with p from the schedule -> the generator's
-weights synced (``policy.sync``) -> metrics, checkpoint, and every ``trainer.eval_every``
-iterations a per-subtask evaluation report.
-This module is the only one that sees Hydra.
+protocol) -> :func:`~agents.types.collate` -> :meth:`Learner.update` (p from the learner's own
+schedule) -> the generator's weights synced (``policy.sync``) -> metrics, checkpoint, and every
+``trainer.eval_every`` iterations a per-subtask evaluation report.
+Hydra is seen here, in ``agents/evaluate.py``, ``agents/export.py`` and ``agents/run/`` (the glue);
+the engine folders (generation, rollout, training) get typed dataclasses.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The text-environment contract shared by every environment of the project.
 
 An environment is a standard :class:`gymnasium.Env` whose observations and actions are strings.
-It knows nothing of models: prompts, history windows and parsing of model output live elsewhere
-(``agents/rollout/manager.py``, ``envs/parsing.py``).
+It knows nothing of models: the chat prompt, history windows and parsing of model output live
+elsewhere (``agents/rollout/prompts.py``, ``envs/parsing.py``). An env may render its own
+observation text (the math env puts the problem into a dataset template) and may ship a chat
+prompt template as a ``holderpo.prompts`` entry point (``docs/envs.md``).
 
 Info schema (every ``reset`` and ``step`` returns these keys; see :class:`InfoKeys`):
 

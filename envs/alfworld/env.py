@@ -10,10 +10,11 @@ cached driver of :mod:`envs.alfworld.engine`. Where the games come from:
   ``split="embedded"`` is another name of ``embedded_train`` and the default when no data folder is
   configured.
 * ``split="train" | "valid_seen" | "valid_unseen"``: the games
-  ``<data_dir>/json_2.1.1/<split>/**/game.tw-pddl``, with ``data_dir`` from the constructor or the ``ALFWORLD_DATA`` variable (alfworld's convention;
-  ``alfworld-download`` fills it). The default split is ``train`` when ``<data_dir>/json_2.1.1``
-  exists. (Importing alfworld sets ``ALFWORLD_DATA`` to ``~/.cache/alfworld`` when it is unset, so
-  the rule looks for the games rather than for the variable.)
+  ``<data_dir>/json_2.1.1/<split>/**/game.tw-pddl``, with ``data_dir`` from the constructor or the
+  ``ALFWORLD_DATA`` variable (alfworld's convention; ``alfworld-download`` fills it). The default
+  split is ``train`` when ``<data_dir>/json_2.1.1`` exists. (Importing alfworld sets
+  ``ALFWORLD_DATA`` to ``~/.cache/alfworld`` when it is unset, so the rule looks for the games
+  rather than for the variable.)
 
 ``reset(seed=s)`` plays game ``s % len(games)`` of the sorted game list, so the rollouts of a group
 (one seed) get the same game; ``reset(options={"game": path})`` plays a given file. The subtask

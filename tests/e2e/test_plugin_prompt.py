@@ -18,6 +18,7 @@ from agents.generation.models import load_policy_model
 from agents.rollout.prompts import ENTRY_POINT_GROUP, PromptState, build_prompt, load_template
 from agents.run.cli import DEFAULT_PROMPT, register_env_configs
 from agents.run.metrics import read_metrics
+from envs import registry
 from tests.e2e.test_train_cli import TINY, _env, _run
 from tests.envs import plugin_fixture
 from tests.envs.plugin_fixture import Plugin, write_plugin
@@ -76,6 +77,7 @@ def test_a_plugin_template_cannot_take_a_shipped_name(plugin_path: Path) -> None
 def test_the_env_config_node_uses_the_plugin_template(plugin_path: Path) -> None:
     write_prompt_plugin(plugin_path, "echo_node")
     write_plugin(plugin_path, env_name="echo_plain")  # ships no template
+    registry.load_plugins(reload=True)  # the process may have loaded the plugins before
     added = register_env_configs()
     assert {"echo_node", "echo_plain"} <= set(added)
     nodes = ConfigStore.instance().repo["env"]

@@ -29,51 +29,61 @@ from statistics import mean, stdev
 
 ALGORITHMS = ("holderpo", "grpo", "dr_grpo", "gspo", "gmpo")
 STAGES = (1, 2, 3)
+"""Evaluated stages k by default (``--stages``); the curve is their mean."""
 QUICK = ["model=tiny", "trainer.iterations=1", "trainer.eval_episodes=6", "rollout.group_size=2"]
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def train(run_dir: Path, algorithm: str, seed: int, extra: list[str], *, before: bool) -> None:
+def train(
+    run_dir: Path,
+    algorithm: str,
+    seed: int,
+    extra: list[str],
+    *,
+    before: bool,
+    stages: tuple[int, ...] = STAGES,
+) -> None:
     """One training run of the shared configuration (``before``: evaluate iteration 0 too)."""
     cmd = [
         sys.executable, "-m", "agents.train", f"algorithm={algorithm}", f"trainer.seed={seed}",
         f"run_dir={run_dir}", "trainer.save_every=0", "trainer.eval_baselines=false",
+        "trainer.export=false",
         f"trainer.eval_before={str(before).lower()}",
-        f"curriculum.eval_stages=[{','.join(map(str, STAGES))}]", *extra,
+        f"curriculum.eval_stages=[{','.join(map(str, stages))}]", *extra,
     ]  # fmt: skip
-    if finished(run_dir, extra):
+    if finished(run_dir, extra, stages):
         return
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
 
 
-def finished(run_dir: Path, extra: list[str]) -> bool:
+def finished(run_dir: Path, extra: list[str], stages: tuple[int, ...] = STAGES) -> bool:
     """Whether ``run_dir`` already holds this run's final evaluation (a re-run skips it)."""
     iterations = [int(o.split("=")[1]) for o in extra if o.startswith("trainer.iterations=")]
     if not iterations:
         return False
     name = f"iter-{iterations[-1]:06d}.json"
-    return all((run_dir / "eval" / f"stage-k{s}" / name).is_file() for s in STAGES)
+    return all((run_dir / "eval" / f"stage-k{s}" / name).is_file() for s in stages)
 
 
-def share_iteration_zero(source: Path, run_dir: Path) -> None:
+def share_iteration_zero(source: Path, run_dir: Path, stages: tuple[int, ...] = STAGES) -> None:
     """Copy the iteration-0 evaluation reports of ``source`` into ``run_dir``."""
-    for stage in STAGES:
+    for stage in stages:
         for path in (source / "eval" / f"stage-k{stage}").glob("iter-000000.*"):
             target = run_dir / "eval" / f"stage-k{stage}" / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
 
 
-def curve(run_dir: Path) -> dict[int, float]:
+def curve(run_dir: Path, stages: tuple[int, ...] = STAGES) -> dict[int, float]:
     """Held-out success (mean over the stages) at every evaluated iteration of a run."""
     per_stage: dict[int, list[float]] = {}
-    for stage in STAGES:
+    for stage in stages:
         for path in sorted((run_dir / "eval" / f"stage-k{stage}").glob("iter-*.json")):
             report = json.loads(path.read_text())
             per_stage.setdefault(int(report["iteration"]), []).append(report["overall"]["rate"])
-    return {it: mean(v) for it, v in sorted(per_stage.items()) if len(v) == len(STAGES)}
+    return {it: mean(v) for it, v in sorted(per_stage.items()) if len(v) == len(stages)}
 
 
 def diagnostics(run_dir: Path) -> dict[str, list[float]]:
@@ -123,7 +133,12 @@ def table(results: dict[str, list[dict[int, float]]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict[int, float]]], diags: dict[str, list], out: Path) -> None:
+def plot(
+    results: dict[str, list[dict[int, float]]],
+    diags: dict[str, list],
+    out: Path,
+    stages: tuple[int, ...] = STAGES,
+) -> None:
     """Mean curves with bands (min-max over seeds), and the Hölder diagnostics."""
     import matplotlib
 
@@ -138,17 +153,17 @@ def plot(results: dict[str, list[dict[int, float]]], diags: dict[str, list], out
         ax.plot(its, means, marker="o", label=algorithm)
         ax.fill_between(its, [min(v) for v in zip(*rows, strict=True)],
                         [max(v) for v in zip(*rows, strict=True)], alpha=0.2)  # fmt: skip
-    ax.set(xlabel="iteration", ylabel=f"held-out success (mean of k={STAGES})", ylim=(0, 1))
+    ax.set(xlabel="iteration", ylabel=f"held-out success (mean of k={stages})", ylim=(0, 1))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curve.png", dpi=120)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for algorithm, runs in diags.items():
         first = runs[0]
-        its = range(1, len(first["holder/weight_entropy"]) + 1)
-        axes[0].plot(its, first["holder/weight_entropy"], marker=".", label=algorithm)
-        axes[1].plot(its, first["holder/ratio_max"], marker=".", label=f"{algorithm} max")
-        axes[1].plot(its, first["holder/ratio_min"], linestyle="--", label=f"{algorithm} min")
+        steps = range(1, len(first["holder/weight_entropy"]) + 1)
+        axes[0].plot(steps, first["holder/weight_entropy"], marker=".", label=algorithm)
+        axes[1].plot(steps, first["holder/ratio_max"], marker=".", label=f"{algorithm} max")
+        axes[1].plot(steps, first["holder/ratio_min"], linestyle="--", label=f"{algorithm} min")
     axes[0].set(xlabel="iteration", ylabel="holder/weight_entropy (seed 0)")
     axes[1].set(xlabel="iteration", ylabel="ratio envelope (seed 0)")
     axes[0].legend(fontsize=7)
@@ -169,8 +184,7 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="also write docs/results.md")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
-    global STAGES
-    STAGES = tuple(int(k) for k in args.stages.split(","))
+    stages = tuple(int(k) for k in args.stages.split(","))
     budget = [] if args.iterations is None else [f"trainer.iterations={args.iterations}"]
     threads = ["trainer.torch_threads=1"] if args.jobs > 1 else []
     extra = [*(QUICK if args.quick else []), *budget, *threads, *args.override]
@@ -178,19 +192,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [(a, s) for a in args.algorithms.split(",") for s in range(seeds)]
     dirs = {run: args.out / f"{run[0]}-seed{run[1]}" for run in runs}
-    train(dirs[runs[0]], *runs[0], extra, before=True)
+    train(dirs[runs[0]], *runs[0], extra, before=True, stages=stages)
 
     def rest(run: tuple[str, int]) -> None:
-        train(dirs[run], *run, extra, before=False)
-        share_iteration_zero(dirs[runs[0]], dirs[run])
-        print(*run, curve(dirs[run]), flush=True)
+        train(dirs[run], *run, extra, before=False, stages=stages)
+        share_iteration_zero(dirs[runs[0]], dirs[run], stages)
+        print(*run, curve(dirs[run], stages), flush=True)
 
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         list(pool.map(rest, runs[1:]))
     results: dict[str, list[dict[int, float]]] = {}
     diags: dict[str, list] = {}
     for run in runs:
-        results.setdefault(run[0], []).append(curve(dirs[run]))
+        results.setdefault(run[0], []).append(curve(dirs[run], stages))
         diags.setdefault(run[0], []).append(diagnostics(dirs[run]))
     header = (
         "### Held-out success by algorithm (`python -m bench.learning_curve "
@@ -200,7 +214,7 @@ def main() -> None:
     )  # fmt: skip
     text = table(results, header)
     (args.out / "results.md").write_text(text)
-    plot(results, diags, args.out)
+    plot(results, diags, args.out, stages)
     if args.docs:
         for name in ("learning_curve.png", "diagnostics.png"):
             shutil.copyfile(args.out / name, Path("docs") / f"results_{name}")

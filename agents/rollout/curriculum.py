@@ -213,6 +213,14 @@ def rollout_seed(seed: int, iteration: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
 
 
+def run_group_index(iteration: int, rank: int, world_size: int, num_groups: int) -> int:
+    """Index in the whole run of this rank's first group of ``iteration``.
+
+    Groups are numbered in iteration order, then rank order.
+    """
+    return (iteration * world_size + rank) * num_groups
+
+
 class TaskSampler(abc.ABC):
     """Decides each iteration's tasks; may learn from how the groups did."""
 
@@ -245,6 +253,10 @@ class TaskSampler(abc.ABC):
         self.subtasks = tuple(subtasks) if subtasks else None
         if self.subtasks is not None and len(self.subtasks) != num_tasks:
             raise ValueError(f"{len(self.subtasks)} task subtasks for {num_tasks} tasks")
+        self.prepare()
+
+    def prepare(self) -> None:  # noqa: B027 (nothing to prepare by default)
+        """Check the config against the env's task list and set up the sampler's own fields."""
 
     @abc.abstractmethod
     def plan(self, iteration: int, *, rank: int, world_size: int, num_groups: int) -> list[Task]:
@@ -286,16 +298,9 @@ class FixedSampler(TaskSampler):
     name = "fixed"
     needs_num_tasks = True
 
-    def __init__(
-        self,
-        config: CurriculumConfig,
-        *,
-        seed: int,
-        num_tasks: int | None,
-        subtasks: Sequence[str] | None = None,
-    ) -> None:
+    def prepare(self) -> None:
         """Resolve the task list (``curriculum.tasks`` or ``0 .. num_tasks-1``)."""
-        super().__init__(config, seed=seed, num_tasks=num_tasks, subtasks=subtasks)
+        config, num_tasks = self.config, self.num_tasks
         if not config.tasks and not num_tasks:
             raise ValueError(
                 "curriculum=fixed with curriculum.tasks=[] needs an env with a finite task list "
@@ -305,7 +310,7 @@ class FixedSampler(TaskSampler):
 
     def plan(self, iteration: int, *, rank: int, world_size: int, num_groups: int) -> list[Task]:
         """The next ``num_groups`` tasks of the cycle for this rank."""
-        first = (iteration * world_size + rank) * num_groups
+        first = run_group_index(iteration, rank, world_size, num_groups)
         seeds = [self.tasks[(first + g) % len(self.tasks)] for g in range(num_groups)]
         return [Task(s, self.task_key(s)) for s in seeds]
 
@@ -331,17 +336,9 @@ class ReverseSampler(TaskSampler):
     stateful = True
     needs_num_tasks = True
 
-    def __init__(
-        self,
-        config: CurriculumConfig,
-        *,
-        seed: int,
-        num_tasks: int | None,
-        subtasks: Sequence[str] | None = None,
-    ) -> None:
-        """Start with no task seen."""
-        super().__init__(config, seed=seed, num_tasks=num_tasks, subtasks=subtasks)
-        if config.scope == "subtask" and self.subtasks is None:
+    def prepare(self) -> None:
+        """Start with no task seen; group the tasks by subtask."""
+        if self.config.scope == "subtask" and self.subtasks is None:
             raise ValueError(
                 "curriculum.scope=subtask needs an env that names the subtask of each task "
                 "(task_subtasks); use curriculum.scope=task or shared"
@@ -369,7 +366,8 @@ class ReverseSampler(TaskSampler):
         """The uniform tasks (subtasks in turn for ``scope=subtask``), each with its ``k``."""
         seeds = self._hashed(iteration, rank, num_groups)
         if self.config.scope == "subtask" and self.num_tasks:
-            seeds = self._subtasks_in_turn(seeds, (iteration * world_size + rank) * num_groups)
+            first = run_group_index(iteration, rank, world_size, num_groups)
+            seeds = self._subtasks_in_turn(seeds, first)
         out = []
         for s in seeds:
             key = self.task_key(s)

@@ -4,8 +4,8 @@ One iteration: collect rollouts (:mod:`agents.rollout.manager`) -> advantages (t
 protocol) -> :func:`~agents.types.collate` -> :meth:`Learner.update` (p from the learner's own
 schedule) -> the generator's weights synced (``policy.sync``) -> metrics, checkpoint, and every
 ``trainer.eval_every`` iterations a per-subtask evaluation report.
-Hydra is seen here, in ``agents/evaluate.py``, ``agents/export.py`` and ``agents/run/`` (the glue);
-the engine folders (generation, rollout, training) get typed dataclasses.
+Hydra is seen here, in ``agents/evaluate.py`` and in ``agents/run/`` (the glue); the engine
+folders (generation, rollout, training) get typed dataclasses.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def train(cfg: RunConfig) -> Path:
     """Run training as configured (one process, or one rank under ``torchrun``)."""
     with build_runtime(cfg) as rt:
         main = rt.ctx.is_main
-        if main:
+        tree = _config_tree(cfg) if main else None  # run_config.json and the trackers' config
+        if tree is not None:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_resolved_config(cfg)
+            (cfg.run_dir / "run_config.json").write_text(json.dumps(tree, indent=2))
         learner = rt.build_learner()
         start = _maybe_resume(cfg, rt, learner)
         sampler = _sampler(cfg, start)
-        tree = _config_tree(cfg) if main else None
         with MetricsWriter(
             cfg.run_dir, loggers=cfg.trainer.loggers, config=tree, enabled=main
         ) as writer:
@@ -249,10 +249,6 @@ def _summary(it: int, total: int, result: IterationResult) -> str:
         f"| gen {m.get('rollout/time_generate_s', 0):.1f}s "
         f"env {m.get('rollout/time_env_s', 0):.1f}s learn {m.get('time/learn_s', 0):.1f}s"
     )
-
-
-def _write_resolved_config(cfg: RunConfig) -> None:
-    (cfg.run_dir / "run_config.json").write_text(json.dumps(_config_tree(cfg), indent=2))
 
 
 def _config_tree(cfg: RunConfig) -> dict[str, object]:

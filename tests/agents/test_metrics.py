@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,11 @@ def test_wandb_offline_under_the_run_folder(
     monkeypatch.setenv("WANDB_SILENT", "true")
     _write(tmp_path, ("tensorboard", "wandb"))
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    # finish() returns before wandb's service process has written the records: wait for them
+    # (seen holding only its 7-byte header right after finish, complete a moment later)
+    deadline = time.monotonic() + 60
+    while run_file.stat().st_size <= 7 and time.monotonic() < deadline:
+        time.sleep(0.1)
     rows = _wandb_history(run_file)
     assert [(r["_step"], r["rollout/reward_mean"], r["holder/p"]) for r in rows] == [
         (0, 0.25, 2.0),

@@ -18,7 +18,8 @@ uninterrupted run planned. Built-ins (``curriculum=<name>``, ``configs/curriculu
   ``task`` (``reset(seed=s)`` of an env with ``n`` tasks plays task ``s mod n``), ``subtask``
   (the tasks of one subtask, from the env's ``task_subtasks``; the groups then take the subtasks
   in turn, so each is played as often) or ``shared`` (one ``k`` for every task). Envs without a
-  finite task list share one ``k``.
+  finite task list share one ``k``. With ``scope=subtask``, ``curriculum.focus`` gives that share
+  of each iteration's groups to the subtasks furthest behind (:meth:`ReverseSampler.behind`).
 
 Reverse curricula from a demonstration: Salimans & Chen 2018, "Learning Montezuma's Revenge from a
 single demonstration"; Resnick et al. 2018, "Backplay"; Florensa et al. 2017, "Reverse curriculum
@@ -113,6 +114,9 @@ class CurriculumConfig:
     """``reverse``: largest ``k`` (``None``: the task's whole plan, i.e. the ordinary game)."""
     scope: Scope = "task"
     """``reverse``: what shares one ``k``: ``task``, ``subtask`` (taken in turn) or ``shared``."""
+    focus: float = 0.0
+    """``reverse`` with ``scope=subtask``: share of each iteration's groups given to the subtasks
+    furthest behind (lowest ``k``, then lowest recent success); the rest take them in turn."""
     eval_stages: tuple[int | str, ...] = (FULL,)
     """Stages evaluated during training: ``k`` values and/or ``full`` (the ordinary game)."""
 
@@ -128,6 +132,13 @@ class CurriculumConfig:
             raise ValueError(f"curriculum.scope must be one of {list(SCOPES)}, got {self.scope!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"curriculum.threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.focus <= 1.0:
+            raise ValueError(f"curriculum.focus must be in [0, 1], got {self.focus}")
+        if self.focus and self.scope != "subtask":
+            raise ValueError(
+                f"curriculum.focus={self.focus} ranks subtasks: it needs curriculum.scope=subtask "
+                f"(got {self.scope!r}); or set curriculum.focus=0"
+            )
         for key in ("window", "step", "start"):
             if getattr(self, key) < 1:
                 raise ValueError(f"curriculum.{key} must be >= 1, got {getattr(self, key)}")
@@ -363,25 +374,55 @@ class ReverseSampler(TaskSampler):
         return p.k if p is not None else self.config.start
 
     def plan(self, iteration: int, *, rank: int, world_size: int, num_groups: int) -> list[Task]:
-        """The uniform tasks (subtasks in turn for ``scope=subtask``), each with its ``k``."""
+        """The uniform tasks (for ``scope=subtask``: the subtasks chosen), each with its ``k``."""
         seeds = self._hashed(iteration, rank, num_groups)
         if self.config.scope == "subtask" and self.num_tasks:
-            first = run_group_index(iteration, rank, world_size, num_groups)
-            seeds = self._subtasks_in_turn(seeds, first)
+            names = self._subtask_choice(iteration, rank, world_size, num_groups)
+            seeds = [self._task_of(name, h) for name, h in zip(names, seeds, strict=True)]
         out = []
         for s in seeds:
             key = self.task_key(s)
             out.append(Task(s, key, {EXPERT_REMAINING: self.k_of(key)}))
         return out
 
-    def _subtasks_in_turn(self, hashed: Sequence[int], first: int) -> list[int]:
-        """Group ``first + g`` of the run plays a hashed task of subtask ``(first + g) mod S``."""
+    def _subtask_choice(
+        self, iteration: int, rank: int, world_size: int, num_groups: int
+    ) -> list[str]:
+        """The subtask of each group: the rest in turn, then ``focus`` of them furthest behind.
+
+        The in-turn groups are numbered across the run (iteration, then rank), so each subtask
+        gets as many of them; the focus groups take the first subtasks of :meth:`behind`, one
+        group each.
+        """
         names = list(self.by_subtask)
-        out = []
-        for g, h in enumerate(hashed):
-            tasks = self.by_subtask[names[(first + g) % len(names)]]
-            out.append(tasks[h % len(tasks)])
-        return out
+        focused = round(self.config.focus * num_groups)
+        in_turn = num_groups - focused
+        first = run_group_index(iteration, rank, world_size, in_turn)
+        chosen = [names[(first + g) % len(names)] for g in range(in_turn)]
+        ranked = self.behind(chosen)
+        return chosen + [ranked[g % len(ranked)] for g in range(focused)]
+
+    def behind(self, planned: Sequence[str] = ()) -> list[str]:
+        """The subtasks, furthest behind first.
+
+        Lowest ``k`` first; at one ``k``, the subtasks with groups played there before those
+        without, lowest recent success rate first; then the fewest groups in ``planned``, then
+        name order.
+        """
+
+        def lag(name: str) -> tuple[int, bool, float, int]:
+            p = self.progress.get(name)
+            k = _effective(p.k, p.plan_length) if p is not None else self.config.start
+            if p is None or not p.recent:
+                return k, True, 0.0, planned.count(name)
+            return k, False, sum(p.recent) / len(p.recent), planned.count(name)
+
+        return sorted(self.by_subtask, key=lag)
+
+    def _task_of(self, subtask: str, hashed: int) -> int:
+        """A task of ``subtask``, picked by a hashed seed."""
+        tasks = self.by_subtask[subtask]
+        return tasks[hashed % len(tasks)]
 
     def limit(self, p: TaskProgress) -> int | None:
         """Largest ``k`` of a task: its plan length, or ``curriculum.cap`` when smaller."""

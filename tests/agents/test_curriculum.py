@@ -171,6 +171,67 @@ def test_the_subtask_scope_keeps_one_k_per_subtask() -> None:
     assert {t.key: t.options[EXPERT_REMAINING] for t in tasks} == {"cool": 1, "look": 2, "pick": 1}
 
 
+def _observe_subtasks(s: ReverseSampler, rates: dict[str, list[float]]) -> None:
+    for name, rs in rates.items():
+        for r in rs:
+            s.observe([_outcome(r, s.k_of(name), key=name)])
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ({}, ["cool", "look", "pick"]),  # nothing played: name order
+        ({"pick": [0.0]}, ["pick", "cool", "look"]),  # played before unplayed at one k
+        ({"pick": [0.5], "look": [0.0]}, ["look", "pick", "cool"]),  # lowest success first
+        ({"cool": [1.0, 1.0]}, ["look", "pick", "cool"]),  # cool is at k2: behind the k1 ones
+        ({"cool": [1.0, 1.0], "look": [1.0, 1.0], "pick": [0.0]}, ["pick", "cool", "look"]),
+        ({"cool": [1.0, 1.0, 0.0], "look": [1.0, 1.0]}, ["pick", "cool", "look"]),  # k2 from 0.0
+    ],
+)
+def test_subtasks_furthest_behind_come_first(rates: dict, expected: list[str]) -> None:
+    s = _by_subtask()
+    _observe_subtasks(s, rates)
+    assert s.behind() == expected
+
+
+def test_the_focus_groups_go_to_the_subtasks_furthest_behind() -> None:
+    s = _by_subtask(focus=0.5, window=1)
+    # iteration 0: two groups in turn (cool, look); the two focus groups prefer subtasks that
+    # the plan does not hold yet (pick), then name order
+    assert [t.key for t in s.plan(0, rank=0, world_size=1, num_groups=4)] == [
+        "cool",
+        "look",
+        "pick",
+        "cool",
+    ]
+    _observe_subtasks(s, {"cool": [1.0], "pick": [1.0], "look": [0.0]})  # look stays at k1
+    tasks = s.plan(1, rank=0, world_size=1, num_groups=4)
+    # in turn: pick, cool (the 3rd and 4th in-turn groups of the run); focus: look (k1), then
+    # cool (k2 like pick, nothing played there yet, as often in the plan: name order)
+    assert [(t.key, t.options[EXPERT_REMAINING]) for t in tasks] == [
+        ("pick", 2),
+        ("cool", 2),
+        ("look", 1),
+        ("cool", 2),
+    ]
+    for t in tasks:
+        assert t.key == SUBTASKS_OF_TASKS[t.seed % len(SUBTASKS_OF_TASKS)]
+
+
+def test_no_focus_keeps_every_group_in_turn() -> None:
+    a, b = _by_subtask(), _by_subtask(focus=0.0)
+    _observe_subtasks(b, {"look": [0.0, 0.0]})
+    for it in range(3):
+        assert a.plan(it, rank=0, world_size=1, num_groups=4) == b.plan(
+            it, rank=0, world_size=1, num_groups=4
+        )
+
+
+def test_focus_needs_the_subtask_scope() -> None:
+    with pytest.raises(ValueError, match="curriculum.focus=0.5 ranks subtasks"):
+        CurriculumConfig(name="reverse", focus=0.5)
+
+
 def test_the_subtask_scope_needs_an_env_that_names_its_subtasks() -> None:
     with pytest.raises(ValueError, match="curriculum.scope=subtask needs an env"):
         ReverseSampler(CurriculumConfig(name="reverse", scope="subtask"), seed=0, num_tasks=4)
@@ -315,6 +376,7 @@ def test_curriculum_overrides_reach_the_config() -> None:
         ("curriculum.step=0", "curriculum.step"),
         ("curriculum.start=0", "curriculum.start"),
         ("curriculum.cap=0", "curriculum.cap"),
+        ("curriculum.focus=1.5", "curriculum.focus"),
         ("curriculum.eval_stages=[0]", "curriculum.eval_stages"),
         ("curriculum.eval_stages=[]", "curriculum.eval_stages"),
         ("+curriculum.thresold=0.5", "curriculum.thresold"),

@@ -339,6 +339,11 @@ class TaskProgress:
     subtask: str = ""
     """The task's subtask, once seen."""
 
+    @property
+    def rate(self) -> float | None:
+        """Mean success rate of :attr:`recent` (``None`` before a group at this ``k``)."""
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
 
 class ReverseSampler(TaskSampler):
     """Reverse (expert-prefix) curriculum over the tasks of :class:`UniformSampler`."""
@@ -413,9 +418,8 @@ class ReverseSampler(TaskSampler):
         def lag(name: str) -> tuple[int, bool, float, int]:
             p = self.progress.get(name)
             k = _effective(p.k, p.plan_length) if p is not None else self.config.start
-            if p is None or not p.recent:
-                return k, True, 0.0, planned.count(name)
-            return k, False, sum(p.recent) / len(p.recent), planned.count(name)
+            rate = p.rate if p is not None else None
+            return k, rate is None, rate or 0.0, planned.count(name)
 
         return sorted(self.by_subtask, key=lag)
 
@@ -445,7 +449,7 @@ class ReverseSampler(TaskSampler):
             p.recent = [*p.recent, o.success_rate][-cfg.window :]
             limit = self.limit(p)
             full = limit is not None and p.k >= limit
-            passed = sum(p.recent) / len(p.recent) >= cfg.threshold - _EPS
+            passed = (p.rate or 0.0) >= cfg.threshold - _EPS
             if len(p.recent) == cfg.window and passed and not full:
                 p.k = p.k + cfg.step if limit is None else min(p.k + cfg.step, limit)
                 p.recent = []

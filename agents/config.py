@@ -114,6 +114,9 @@ class RolloutSection:
     """Games/problems per iteration."""
     group_size: int
     """Rollouts per game (they share the reset seed)."""
+    guided: int
+    """Rollouts per group (of ``group_size``) that follow the env's expert plan (off-policy
+    guidance, :mod:`agents.rollout.manager`); 0: every rollout samples the policy."""
     max_turns: int
     """The policy's turns per episode (the env's own step limit, e.g. ``env.kwargs.max_steps``,
     still applies; the expert actions of a curriculum stage are not turns)."""
@@ -156,6 +159,11 @@ class RolloutSection:
         for key in (*keys, "worker_attempts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.guided < self.group_size:
+            raise ConfigError(
+                f"rollout.guided={self.guided} must be in [0, rollout.group_size="
+                f"{self.group_size}): at least one rollout per group samples the policy"
+            )
         if self.history_window < -1:
             raise ConfigError(
                 f"rollout.history_window must be >= 0, or -1 for the whole history; got "

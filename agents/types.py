@@ -152,6 +152,9 @@ class Trajectory:
     """The episode ended with the task solved (``info["won"]``)."""
     subtask: str
     """Task family (ALFWorld subtask or math benchmark)."""
+    guided: bool = False
+    """Its actions were the env's expert's, not the policy's samples (``rollout.guided``): a
+    training sample, but no evidence of the policy's success (metrics and curricula skip it)."""
 
     @property
     def total_reward(self) -> float:

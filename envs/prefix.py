@@ -43,6 +43,9 @@ import gymnasium as gym
 EXPERT_REMAINING: Final = "expert_remaining"
 """Reset option: start where this many actions of the expert's plan remain."""
 
+EXPERT_PLAN: Final = "expert_plan"
+"""Info key of the actions left to win (a list; None or absent when the env has no plan)."""
+
 PREFIX_STEPS: Final = "prefix_steps"
 EXPERT_PLAN_LENGTH: Final = "expert_plan_length"
 PREFIX_HISTORY: Final = "prefix_history"
@@ -84,7 +87,7 @@ class Prefix:
 
 def has_expert(env: gym.Env, info: Mapping[str, Any]) -> bool:
     """Whether ``env`` (just reset, with ``info``) has an expert this module can replay."""
-    return isinstance(info.get("expert_plan"), list) or callable(
+    return isinstance(info.get(EXPERT_PLAN), list) or callable(
         getattr(env.unwrapped, "expert_action", None)
     )
 
@@ -119,7 +122,7 @@ def reset_with_prefix(
             "nor an expert_action() method); the reverse curriculum (curriculum=reverse) and "
             "stage= evaluation need one"
         )
-    plan = info.get("expert_plan")
+    plan = info.get(EXPERT_PLAN)
     if isinstance(plan, list):
         length = len(plan)
     else:
@@ -145,7 +148,7 @@ def _expert_action(env: gym.Env, info: Mapping[str, Any]) -> str:
     expert: Callable[[], str] | None = getattr(env.unwrapped, "expert_action", None)
     if callable(expert):
         return str(expert())
-    plan = info.get("expert_plan")
+    plan = info.get(EXPERT_PLAN)
     if not plan:
         raise PrefixError("the env's expert_plan ran out before the prefix was replayed")
     return str(plan[0])

@@ -19,13 +19,11 @@ from typing import Any, Final, Protocol
 
 from agents.rollout.env_pool import EnvFactory
 from envs.base import InfoKeys
+from envs.prefix import EXPERT_PLAN
 
 NO_ACTION: Final = ""
 """Sent when the env offers neither a plan nor an admissible action (an env reads it as
 invalid)."""
-
-EXPERT_PLAN: Final = "expert_plan"
-"""Info key of the actions left to win (:mod:`envs.prefix`)."""
 
 
 class Actor(Protocol):

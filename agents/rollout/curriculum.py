@@ -197,10 +197,14 @@ class GroupOutcome:
 
 
 def group_outcomes(tasks: Sequence[Task], trajectories: Sequence[Trajectory]) -> list[GroupOutcome]:
-    """One outcome per task, from the trajectories of a rollout (``group_id`` = task index)."""
+    """One outcome per task, from the trajectories of a rollout (``group_id`` = task index).
+
+    The success rate is the policy's own rollouts' (guided ones are the expert's).
+    """
     by_group: dict[int, list[Trajectory]] = defaultdict(list)
     for t in trajectories:
-        by_group[t.group_id].append(t)
+        if not t.guided:
+            by_group[t.group_id].append(t)
     out = []
     for g, task in enumerate(tasks):
         trajs = by_group.get(g, [])

@@ -23,6 +23,14 @@ options a task sampler chose (:mod:`agents.rollout.curriculum`). Every turn:
 
 At ``max_turns`` the unfinished episodes end with their last step marked truncated. The metrics
 (``rollout/…``) are documented in ``docs/rollout.md``.
+
+``collect(..., guided=m)`` makes the last ``m`` rollouts of every group follow the env's expert
+(the first action of ``info["expert_plan"]``, :mod:`envs.prefix`): their turns are generated with
+the decoding constrained to that one action, so their tokens and log-probs are the policy's own
+scoring of the expert's command, and they enter the group as training samples (off-policy
+guidance: a group whose sampled rollouts all fail still has a win to compare them with; LUFFY,
+Yan et al. 2025, "Learning to Reason under Off-Policy Guidance"). Their trajectories are marked
+``guided`` and are left out of the success metrics and of the curriculum's success rates.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from agents.rollout.prompts import PromptState, PromptTemplate, fit_prompt, read
 from agents.types import Generation, Message, Policy, SamplingParams, Step, Trajectory
 from envs.base import InfoKeys
 from envs.parsing import parse_action
-from envs.prefix import PREFIX_HISTORY
+from envs.prefix import EXPERT_PLAN, PREFIX_HISTORY
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class _Episode:
     history: list[tuple[str, str]] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     done: bool = False
+    guided: bool = False
 
     def state(self) -> PromptState:
         admissible = tuple(self.info[InfoKeys.ADMISSIBLE_ACTIONS] or ())
@@ -137,6 +146,7 @@ class RolloutManager:
         seed: int,
         group_seeds: Sequence[int] | None = None,
         group_options: Sequence[ResetOptions] | None = None,
+        guided: int = 0,
     ) -> tuple[list[Trajectory], dict[str, float]]:
         """Play ``num_groups × group_size`` episodes of at most ``max_turns`` turns.
 
@@ -151,6 +161,8 @@ class RolloutManager:
             group_options: Reset options of each group (``{"expert_remaining": k}`` starts ``k``
                 expert actions from the goal, :mod:`envs.prefix`); the replayed expert steps are
                 no training samples but appear in the prompt's history window.
+            guided: Rollouts per group (its last ones) that take the env's expert action every
+                turn (``rollout.guided``; see the module docstring); fewer than ``group_size``.
 
         Returns:
             The trajectories (env index order: group by group) and the ``rollout/…`` metrics.
@@ -169,8 +181,14 @@ class RolloutManager:
             raise ValueError(f"got {len(group_seeds)} group_seeds for {num_groups} groups")
         if group_options is not None and len(group_options) != num_groups:
             raise ValueError(f"got {len(group_options)} group_options for {num_groups} groups")
+        if not 0 <= guided < group_size:
+            raise ValueError(f"guided must be in [0, group_size={group_size}), got {guided}")
         clock = _Clock()
         episodes = self._reset(group_seeds, group_options, group_size, clock)
+        for e in episodes:
+            e.guided = e.env % group_size >= group_size - guided
+            if e.guided:
+                _expert_next(e)  # an env without a plan fails here, before any generation
         turns = 0
         for t in range(max_turns):
             active = [e for e in episodes if not e.done]
@@ -254,13 +272,21 @@ class RolloutManager:
         return ids(fitted)
 
     def _allowed(self, active: list[_Episode]) -> list[list[str] | None] | None:
-        """Per episode, the exact responses constrained decoding may produce (None: free)."""
-        if not self.config.constrained:
+        """Per episode, the exact responses constrained decoding may produce (None: free).
+
+        A guided episode may produce only its expert's next action.
+        """
+        if not self.config.constrained and not any(e.guided for e in active):
             return None
         out: list[list[str] | None] = []
         for e in active:
-            admissible = e.info[InfoKeys.ADMISSIBLE_ACTIONS] or []
-            out.append([self._wrap(a) for a in admissible] or None)
+            if e.guided:
+                out.append([self._wrap(_expert_next(e))])
+            elif self.config.constrained:
+                admissible = e.info[InfoKeys.ADMISSIBLE_ACTIONS] or []
+                out.append([self._wrap(a) for a in admissible] or None)
+            else:
+                out.append(None)
         return out
 
     def _wrap(self, action: str) -> str:
@@ -285,9 +311,23 @@ class RolloutManager:
         if template.action_format == "raw":
             return _Parsed(action=text, valid=bool(text.strip()))
         admissible = episode.info[InfoKeys.ADMISSIBLE_ACTIONS] or None
-        require_think = template.require_think and not self.config.constrained
+        # constrained and guided responses are the action alone, with no room for reasoning
+        require_think = template.require_think and not (self.config.constrained or episode.guided)
         p = parse_action(text, admissible, require_think=require_think)
         return _Parsed(action=p.action if p.action else text, valid=p.valid)
+
+
+def _expert_next(e: _Episode) -> str:
+    """The next action of a guided episode: the first of its env's ``expert_plan``."""
+    plan = e.info.get(EXPERT_PLAN)
+    if not isinstance(plan, list) or not plan:
+        where = e.info.get("game", f"seed={e.seed}")
+        raise ValueError(
+            f"rollout.guided follows the env's expert, but the info of {where} has no "
+            f"{EXPERT_PLAN!r} list of the actions left (got {plan!r}); use an env that "
+            "gives one (envs/prefix.py) or set rollout.guided=0"
+        )
+    return str(plan[0])
 
 
 def _record(e: _Episode, g: Generation, p: _Parsed, r: StepResult, *, last: bool) -> None:
@@ -325,14 +365,21 @@ def _trajectory(e: _Episode) -> Trajectory:
         steps=tuple(e.steps),
         success=bool(e.info[InfoKeys.WON]),
         subtask=str(e.info[InfoKeys.SUBTASK]),
+        guided=e.guided,
     )
 
 
 def rollout_metrics(
     trajectories: Sequence[Trajectory], *, turns: int, clock: _Clock | None = None
 ) -> dict[str, float]:
-    """The ``rollout/…`` metrics of a finished rollout (see ``docs/rollout.md``)."""
+    """The ``rollout/…`` metrics of a finished rollout (see ``docs/rollout.md``).
+
+    Success, reward and the per-subtask counts are the policy's own rollouts' (guided ones left
+    out); the step and token counts are every rollout's.
+    """
     steps = [s for t in trajectories for s in t.steps]
+    own = [t for t in trajectories if not t.guided]
+    n_own = max(len(own), 1)
     n_traj = max(len(trajectories), 1)
     n_steps = max(len(steps), 1)
     m = {
@@ -341,8 +388,9 @@ def rollout_metrics(
         "rollout/env_steps": float(len(steps)),
         "rollout/tokens_generated": float(sum(len(s.response_ids) for s in steps)),
         "rollout/invalid_action_rate": sum(not s.action_valid for s in steps) / n_steps,
-        "rollout/success_rate": sum(t.success for t in trajectories) / n_traj,
-        "rollout/reward_mean": sum(t.total_reward for t in trajectories) / n_traj,
+        "rollout/guided_episodes": float(len(trajectories) - len(own)),
+        "rollout/success_rate": sum(t.success for t in own) / n_own,
+        "rollout/reward_mean": sum(t.total_reward for t in own) / n_own,
         "rollout/episode_length_mean": len(steps) / n_traj,
         "rollout/truncated_rate": sum(bool(t.steps and t.steps[-1].truncated) for t in trajectories)
         / n_traj,
@@ -352,8 +400,8 @@ def rollout_metrics(
         m["rollout/time_prompt_s"] = clock.prompt
         m["rollout/time_generate_s"] = clock.generate
         m["rollout/time_env_s"] = clock.env
-    episodes = Counter(t.subtask for t in trajectories)
-    wins = Counter(t.subtask for t in trajectories if t.success)
+    episodes = Counter(t.subtask for t in own)
+    wins = Counter(t.subtask for t in own if t.success)
     for subtask, count in sorted(episodes.items()):
         m[f"rollout/episode_count/{subtask}"] = float(count)
         m[f"rollout/success_count/{subtask}"] = float(wins[subtask])

@@ -408,11 +408,17 @@ def test_build_sampler_uses_the_registry() -> None:
 # --------------------------------------------------------------- outcomes, rollout, evaluation
 
 
-def _traj(group: int, won: bool, plan: int | None) -> Trajectory:
+def _traj(group: int, won: bool, plan: int | None, *, guided: bool = False) -> Trajectory:
     info = {} if plan is None else {EXPERT_PLAN_LENGTH: plan}
     step = Step((1,), (2,), (-0.1,), "x", "look", True, 0.0, won, not won, "a", info)
     return Trajectory(
-        traj_id=group, group_id=group, game="g", steps=(step,), success=won, subtask="cool"
+        traj_id=group,
+        group_id=group,
+        game="g",
+        steps=(step,),
+        success=won,
+        subtask="cool",
+        guided=guided,
     )
 
 
@@ -422,6 +428,14 @@ def test_group_outcomes_read_success_and_plan_length() -> None:
     out = group_outcomes(tasks, trajs)
     assert out[0] == GroupOutcome("4", 2, pytest.approx(2 / 3), "cool", 6)
     assert out[1] == GroupOutcome("9", None, 1.0, "cool", None)
+
+
+def test_group_outcomes_leave_the_guided_rollouts_out_of_the_success_rate() -> None:
+    tasks = [Task(4, "4", {EXPERT_REMAINING: 1})]
+    own = [_traj(0, False, 3), _traj(0, True, 3), _traj(0, False, 3)]
+    trajs = [*own, _traj(0, True, 3, guided=True)]
+    (out,) = group_outcomes(tasks, trajs)
+    assert out.success_rate == pytest.approx(1 / 3)  # the expert's win is not the policy's
 
 
 class RecordingPolicy:

@@ -333,3 +333,60 @@ def test_killed_actor_mid_rollout_truncates_only_its_episodes(tiny, ray_session)
     for t in kept:
         assert len(t.steps) == 4 and not any(WORKER_FAILED in s.info for s in t.steps)
     assert metrics["rollout/worker_failures"] == 2 and pool.restarts == 1
+
+
+def _scored(policy, step, temperature):
+    """Log-probs of the step's response tokens under ``policy``'s model at ``temperature``."""
+    import torch
+
+    ids = torch.tensor([[*step.prompt_ids, *step.response_ids]])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[0].float()  # [L, V]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    n, r = len(step.prompt_ids), len(step.response_ids)
+    targets = torch.tensor(step.response_ids)
+    return logp[n - 1 : n - 1 + r].gather(-1, targets[:, None]).squeeze(-1).tolist()
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_guided_rollouts_follow_the_expert_and_stay_out_of_the_success_metrics(tiny, constrained):
+    from envs.prefix import EXPERT_REMAINING
+
+    config = RolloutConfig(
+        load_template("alfworld"), **SMALL, constrained=constrained, temperature=2.0
+    )
+    options = [{EXPERT_REMAINING: 2}] * 2
+    with SerialEnvPool(EnvFactory("alfworld", {"split": "embedded"}), 6) as pool:
+        trajs, metrics = RolloutManager(tiny, pool, config).collect(
+            2, 3, 3, seed=1, group_options=options, guided=1
+        )
+    assert [t.guided for t in trajs] == [False, False, True] * 2
+    for t in trajs:
+        if not t.guided:
+            continue
+        assert t.success and len(t.steps) == 2  # the expert's last two actions
+        plan = t.steps[0].info["expert_plan"]  # after the first step: the one action left
+        assert plan == [t.steps[1].action]
+        for s in t.steps:
+            assert s.action_valid and s.response_text == f"<action>{s.action}</action>"
+            # the policy's own (temperature-scaled) scoring of the expert's tokens
+            assert s.logprobs == pytest.approx(_scored(tiny, s, 2.0), abs=1e-4)
+            assert max(s.logprobs) < 0
+    own = [t for t in trajs if not t.guided]
+    assert metrics["rollout/guided_episodes"] == 2
+    assert metrics["rollout/success_rate"] == sum(t.success for t in own) / len(own)
+    counts = sum(v for k, v in metrics.items() if k.startswith("rollout/episode_count/"))
+    assert counts == len(own)
+    if not constrained:  # the tiny model's free text is no action: only the guided ones are valid
+        assert not any(s.action_valid for t in own for s in t.steps)
+
+
+def test_guided_rollouts_need_an_expert_plan_and_a_sampled_rollout(tiny):
+    factory = functools.partial(MazeEnv, depth=3)
+    config = RolloutConfig(load_template("maze"), **SMALL, constrained=True)
+    with SerialEnvPool(factory, 2) as pool:
+        manager = RolloutManager(tiny, pool, config)
+        with pytest.raises(ValueError, match="rollout.guided=0"):
+            manager.collect(1, 2, 2, seed=0, guided=1)
+        with pytest.raises(ValueError, match="guided must be in"):
+            manager.collect(1, 2, 2, seed=0, guided=2)

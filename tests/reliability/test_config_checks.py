@@ -40,7 +40,6 @@ BAD_OVERRIDES: list[tuple[tuple[str, ...], str, str]] = [
     (("trainer.keep=0",), "trainer.keep", "clear"),
     (("trainer.device=tpu",), "trainer.device", "clear"),
     (("rollout.num_groups=0",), "rollout.num_groups", "clear"),
-    (("rollout.guided=4",), "rollout.guided", "clear"),  # the whole group of 4 guided
     (("rollout.max_turns=0",), "rollout.max_turns", "clear"),
     (("rollout.num_workers=0",), "rollout.num_workers", "clear"),
     (("protocol.gamma=2",), "gamma", "clear"),
@@ -75,6 +74,7 @@ BAD_OVERRIDES: list[tuple[tuple[str, ...], str, str]] = [
     # found by bench/probes.py
     (("resume=maybe",), "resume='maybe' must be true or false", "silent"),
     (("model.lora.r=4", "model.lora.target_modules=[x]"), "model.lora.target_modules", "late"),
+    (("rollout.guided=4",), "rollout.guided", "clear"),  # the whole group of 4 guided
 ]
 
 

@@ -361,7 +361,7 @@ class ReverseSampler(TaskSampler):
         if self.config.scope == "subtask" and self.subtasks is None:
             raise ValueError(
                 "curriculum.scope=subtask needs an env that names the subtask of each task "
-                "(task_subtasks); use curriculum.scope=task or shared"
+                "(task_subtasks); use curriculum.scope=task (or shared) with curriculum.focus=0"
             )
         self.progress: dict[str, TaskProgress] = {}
         by_subtask: dict[str, list[int]] = defaultdict(list)

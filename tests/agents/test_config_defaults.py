@@ -45,7 +45,8 @@ from tests.conftest import REPO_ROOT
 CONFIGS = REPO_ROOT / "configs"
 
 PRESET_CHOICES: dict[str, set[str]] = {
-    "curriculum/reverse.yaml": {"name", "scope", "eval_stages"},  # one k per subtask, k stages
+    # one k per subtask, half the groups to the subtasks behind, k stages
+    "curriculum/reverse.yaml": {"name", "scope", "focus", "eval_stages"},
     "curriculum/fixed.yaml": {"name"},
     "protocol/grpo.yaml": {"name"},
     "protocol/dr_grpo.yaml": {"name"},

@@ -73,6 +73,7 @@ def test_resume_with_the_reverse_curriculum_reproduces_the_uninterrupted_run(
         "curriculum.threshold=0.0",
         "curriculum.window=1",
         "curriculum.scope=shared",
+        "curriculum.focus=0",  # focus ranks subtasks (scope=subtask only)
     ]
     env = _env(model_cache)
     straight = tmp_path / "straight"

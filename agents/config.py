@@ -159,11 +159,6 @@ class RolloutSection:
         for key in (*keys, "worker_attempts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.guided < self.group_size:
-            raise ConfigError(
-                f"rollout.guided={self.guided} must be in [0, rollout.group_size="
-                f"{self.group_size}): at least one rollout per group samples the policy"
-            )
         if self.history_window < -1:
             raise ConfigError(
                 f"rollout.history_window must be >= 0, or -1 for the whole history; got "
@@ -363,6 +358,12 @@ def check_across(run: RunConfig) -> None:
             f"protocol={run.protocol.name} compares the rollouts of a group, so it needs "
             f"rollout.group_size >= {need} (got {run.rollout.group_size}: every advantage would "
             f"be 0 or uncentred); set rollout.group_size={max(need, 4)}"
+        )
+    rollout = run.rollout
+    if not 0 <= rollout.guided < rollout.group_size:
+        raise ConfigError(
+            f"rollout.guided={rollout.guided} must be in [0, rollout.group_size="
+            f"{rollout.group_size}): at least one rollout per group samples the policy"
         )
     room = run.rollout.max_new_tokens + MIN_PROMPT_TOKENS
     if run.trainer.max_length < room:

@@ -85,6 +85,12 @@ class Prefix:
         }
 
 
+def expert_plan_head(info: Mapping[str, Any]) -> str | None:
+    """The first action of the info's ``expert_plan`` list; ``None`` when there is none."""
+    plan = info.get(EXPERT_PLAN)
+    return str(plan[0]) if isinstance(plan, list) and plan else None
+
+
 def has_expert(env: gym.Env, info: Mapping[str, Any]) -> bool:
     """Whether ``env`` (just reset, with ``info``) has an expert this module can replay."""
     return isinstance(info.get(EXPERT_PLAN), list) or callable(
@@ -148,10 +154,10 @@ def _expert_action(env: gym.Env, info: Mapping[str, Any]) -> str:
     expert: Callable[[], str] | None = getattr(env.unwrapped, "expert_action", None)
     if callable(expert):
         return str(expert())
-    plan = info.get(EXPERT_PLAN)
-    if not plan:
+    head = expert_plan_head(info)
+    if head is None:
         raise PrefixError("the env's expert_plan ran out before the prefix was replayed")
-    return str(plan[0])
+    return head
 
 
 def _probe_plan_length(env: gym.Env, info: Mapping[str, Any]) -> int:

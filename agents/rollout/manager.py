@@ -49,7 +49,7 @@ from agents.rollout.prompts import PromptState, PromptTemplate, fit_prompt, read
 from agents.types import Generation, Message, Policy, SamplingParams, Step, Trajectory
 from envs.base import InfoKeys
 from envs.parsing import parse_action
-from envs.prefix import EXPERT_PLAN, PREFIX_HISTORY
+from envs.prefix import EXPERT_PLAN, PREFIX_HISTORY, expert_plan_head
 
 
 @dataclass(frozen=True)
@@ -319,15 +319,15 @@ class RolloutManager:
 
 def _expert_next(e: _Episode) -> str:
     """The next action of a guided episode: the first of its env's ``expert_plan``."""
-    plan = e.info.get(EXPERT_PLAN)
-    if not isinstance(plan, list) or not plan:
+    head = expert_plan_head(e.info)
+    if head is None:
         where = e.info.get("game", f"seed={e.seed}")
         raise ValueError(
             f"rollout.guided follows the env's expert, but the info of {where} has no "
-            f"{EXPERT_PLAN!r} list of the actions left (got {plan!r}); use an env that "
-            "gives one (envs/prefix.py) or set rollout.guided=0"
+            f"{EXPERT_PLAN!r} list of the actions left (got {e.info.get(EXPERT_PLAN)!r}); use "
+            "an env that gives one (envs/prefix.py) or set rollout.guided=0"
         )
-    return str(plan[0])
+    return head
 
 
 def _record(e: _Episode, g: Generation, p: _Parsed, r: StepResult, *, last: bool) -> None:

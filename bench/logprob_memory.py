@@ -26,15 +26,18 @@ Each (mask, path) runs in a fresh process and reports:
 Ratios are chunked / unchunked in the same run (target: peak <= 0.25x at time <= 1.1x).
 
     python -m bench.logprob_memory [--rows 4] [--prompt 128] [--response 512] [--entropy]
-        [--chunk-tokens 256] [--repeats 1] [--threads 1] [--device cpu|cuda]
+        [--chunk-tokens 256] [--repeats 1] [--threads 1] [--device cpu|cuda] [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (Markdown)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -191,27 +195,71 @@ def main() -> None:
     for mask in args.masks:
         for chunk in (0, args.chunk_tokens):
             mp.spawn(_worker, args=(args, mask, chunk, results), nprocs=1, join=True)
+    report = _report(args, results)
+    print(report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(_markdown(args, results))
+
+
+def _header(args: argparse.Namespace) -> str:
     what = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS delta"
-    print(
+    return (
         f"token_logprobs forward+backward, vocab {args.vocab}, hidden {args.hidden}, "
         f"{args.layers} layers, {args.rows} rows x ({args.prompt} prompt + {args.response} "
         f"response), T=0.7, entropy={args.entropy}, device={args.device}, "
-        f"threads={args.threads}; peak = {what}"
+        f"threads={args.threads}, median of {args.repeats}; peak = {what}"
     )
-    print(
-        f"{'mask':7s} {'path':14s} {'loss tok':>8s} {'saved MiB':>10s} {'peak MiB':>9s} "
-        f"{'time s':>7s} | {'saved x':>7s} {'peak x':>6s} {'time x':>6s}"
-    )
+
+
+def _rows(args: argparse.Namespace, results: Any) -> Iterator[tuple[str, str, dict, dict]]:
+    """(mask, path name, result, its unchunked baseline) per measured run."""
     for mask in args.masks:
-        base = results[(mask, 0)]
         for chunk in (0, args.chunk_tokens):
-            r = results[(mask, chunk)]
             name = "unchunked" if chunk == 0 else f"chunks of {chunk}"
-            print(
-                f"{mask:7s} {name:14s} {r['tokens']:8d} {r['saved'] / MIB:10.1f} "
-                f"{r['peak'] / MIB:9.1f} {r['time']:7.2f} | {r['saved'] / base['saved']:7.3f} "
-                f"{r['peak'] / base['peak']:6.3f} {r['time'] / base['time']:6.3f}"
-            )
+            yield mask, name, results[(mask, chunk)], results[(mask, 0)]
+
+
+def _report(args: argparse.Namespace, results: Any) -> str:
+    lines = [
+        _header(args),
+        f"{'mask':7s} {'path':14s} {'loss tok':>8s} {'saved MiB':>10s} {'peak MiB':>9s} "
+        f"{'time s':>7s} | {'saved x':>7s} {'peak x':>6s} {'time x':>6s}",
+    ]
+    for mask, name, r, base in _rows(args, results):
+        lines.append(
+            f"{mask:7s} {name:14s} {r['tokens']:8d} {r['saved'] / MIB:10.1f} "
+            f"{r['peak'] / MIB:9.1f} {r['time']:7.2f} | {r['saved'] / base['saved']:7.3f} "
+            f"{r['peak'] / base['peak']:6.3f} {r['time'] / base['time']:6.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _markdown(args: argparse.Namespace, results: Any) -> str:
+    """The same figures as a Markdown table, with the command that measured them."""
+    command = " ".join(["python -m bench.logprob_memory", *sys.argv[1:]])
+    lines = [
+        "<!-- written by bench/logprob_memory.py; rerun the command below to update -->",
+        f"`{command}`",
+        "",
+        _header(args) + ".",
+        "",
+        "| mask | path | loss tokens | saved for backward | peak | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mask, name, r, base in _rows(args, results):
+        ratio = name != "unchunked"
+        saved = _fig(r["saved"] / MIB, base["saved"] / MIB, ratio, "MiB")
+        peak = _fig(r["peak"] / MIB, base["peak"] / MIB, ratio, "MiB")
+        seconds = _fig(r["time"], base["time"], ratio, "s", ".2f")
+        cells = (mask, name, str(r["tokens"]), saved, peak, seconds)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fig(value: float, base: float, ratio: bool, unit: str, fmt: str = ".0f") -> str:
+    """``value`` with its unit, and its ratio to ``base`` on a chunked row."""
+    return f"{value:{fmt}} {unit}" + (f" ({value / base:.2f}x)" if ratio else "")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,9 @@ def _chunked_token_logprobs(
         if hidden.dim() != 3 or hidden.shape[:2] != (len(batch), len(tokens.keep)) or calls:
             calls.append(None)  # not the call this function expects: let the model go on
             return head_forward(hidden)
-        packed = _head_in_chunks(head_forward, hidden, tokens, temperature, with_entropy, chunk)
+        packed = _head_in_chunks(
+            head, head_forward, hidden, tokens, temperature, with_entropy, chunk
+        )
         calls.append(packed)
         return packed
 
@@ -191,6 +193,7 @@ _UNCHUNKABLE: set[type] = set()
 
 
 def _head_in_chunks(
+    head: nn.Module,
     head_forward: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     tokens: _LossTokens,
@@ -200,25 +203,43 @@ def _head_in_chunks(
 ) -> torch.Tensor:
     """Log-probs (row 0) and entropies (row 1, ``with_entropy``) of the loss tokens -> [S, T].
 
-    ``hidden`` [N, K, H] are the final hidden states at ``tokens.keep``. Each chunk of ``chunk``
-    tokens runs head + temperature + log-softmax + gather under non-reentrant activation
-    checkpointing, so only its input [chunk, H] is held for the backward, which recomputes the
-    chunk's logits [chunk, V]. With no loss token one empty chunk still runs, so the result
-    depends on every parameter (a backward through it is a valid, zero, collective).
+    ``hidden`` [N, K, H] are the final hidden states at ``tokens.keep``. A linear head (the
+    transformers models' ``lm_head``) runs each chunk of ``chunk`` tokens through
+    :class:`_LinearHeadLogprobs`, which keeps only the chunk's input [chunk, H] and its
+    log-normaliser for the backward and recomputes the chunk's logits [chunk, V] there. Any
+    other head runs head + :class:`_TokenLogprobEntropy` under non-reentrant activation
+    checkpointing, to the same effect. With no loss token one empty chunk still runs, so the
+    result depends on every parameter (a backward through it is a valid, zero, collective).
     """
     picked = hidden[tokens.rows, tokens.cols]  # [T, H]
-    checkpointed = torch.is_grad_enabled()
+    linear = _plain_linear(head)
+    checkpointed = torch.is_grad_enabled() and linear is None
     parts = []
     for start in range(0, max(len(tokens.targets), 1), chunk):
         args = (picked[start : start + chunk], tokens.targets[start : start + chunk])
-        if checkpointed:
+        if linear is not None:
+            part = _LinearHeadLogprobs.apply(*args, *linear, temperature, with_entropy)
+        elif checkpointed:
             part = checkpoint(
                 _head_chunk, head_forward, *args, temperature, with_entropy, use_reentrant=False
             )
         else:
             part = _head_chunk(head_forward, *args, temperature, with_entropy)
+        assert isinstance(part, torch.Tensor)  # for the type checker: apply returns forward's
         parts.append(part)
     return torch.cat(parts, dim=1)
+
+
+def _plain_linear(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [V, H], bias [V] or None)`` of a head that is an unmodified ``nn.Linear``.
+
+    FSDP2 subclasses the module's class but keeps ``nn.Linear.forward`` (its hooks have
+    gathered the full weight by the time the head is called); a PEFT-wrapped or custom head has
+    another forward and takes the checkpointed path.
+    """
+    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
+        return head.weight, head.bias
+    return None
 
 
 def _head_chunk(
@@ -237,13 +258,63 @@ def _head_chunk(
     return out
 
 
+def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``s = z / T`` in at least float32, in place when ``logits`` is a float32 temporary."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _logprob_stats(
+    scaled: torch.Tensor, targets: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log p_y``, ``logsumexp(s)`` and the entropy (empty without it) of ``softmax(s)`` -> [c].
+
+    ``scaled`` [c, V] is overwritten (one [c, V] buffer instead of log-softmax's copies).
+    """
+    picked = scaled.gather(1, targets[:, None]).squeeze(1)  # [c]
+    top = scaled.amax(-1, keepdim=True)  # [c, 1]
+    shifted = scaled.sub_(top)  # s - max s  [c, V]
+    if with_entropy:  # H = log Σe - Σ e·(s - max) / Σe with e = exp(s - max)
+        e = shifted.exp()
+        total = e.sum(-1)
+        entropy = total.log() - (e.mul_(shifted)).sum(-1) / total
+    else:
+        total, entropy = shifted.exp_().sum(-1), scaled.new_zeros(0)
+    lse = total.log_().add_(top.squeeze(1))  # [c]
+    return picked - lse, lse, entropy
+
+
+def _softmax_grad(
+    scaled: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """The gradient [c, V] of the logits z (s = z / T) from ``grad`` [S, c], in place on ``s``.
+
+    With log p = s - logsumexp(s): ∂ log p_y / ∂s = e_y - p and ∂H / ∂s = -p ⊙ (log p + H)
+    (H = -Σ p log p); ∂s/∂z = 1/T.
+    """
+    g_logp = grad[0][:, None] / temperature  # [c, 1]
+    log_p = scaled.sub_(lse[:, None])  # [c, V]
+    if len(grad) > 1:  # with the entropy
+        p = log_p.exp()
+        coef = log_p.add_(entropy[:, None]).mul_(grad[1][:, None] / temperature).add_(g_logp)
+        grad_z = p.mul_(coef).neg_()  # -p ⊙ (g_logp + g_H (log p + H)) / T
+    else:
+        grad_z = log_p.exp_().mul_(-g_logp)  # -g_logp · p / T
+    return grad_z.scatter_add_(1, targets[:, None], g_logp)  # + g_logp · e_y / T
+
+
 class _TokenLogprobEntropy(torch.autograd.Function):
     """``log softmax(z / T)[y]`` and the entropy of ``softmax(z / T)`` with a written-out backward.
 
     Autograd through ``log_softmax`` + ``gather`` + the entropy keeps and re-reads several
     [c, V] tensors; here the forward keeps only ``z`` and the log-normaliser (both recomputed
-    under the chunk's checkpoint) and the backward is, with s = z/T, log p = s - logsumexp(s):
-    ∂ log p_y / ∂s = e_y - p and ∂H / ∂s = -p ⊙ (log p + H) (H = -Σ p log p).
+    under the chunk's checkpoint) and the backward is :func:`_softmax_grad`.
     """
 
     @staticmethod
@@ -255,13 +326,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         with_entropy: bool,
     ) -> torch.Tensor:
         """``logits`` [c, V] (float32 or wider), ``targets`` [c] -> [S, c]."""
-        scaled = logits / temperature if temperature != 1.0 else logits  # [c, V]
-        lse = torch.logsumexp(scaled, dim=-1)  # [c]
-        logp = scaled.gather(1, targets[:, None]).squeeze(1) - lse  # [c]
-        entropy = logp.new_zeros(0)
-        if with_entropy:
-            log_p = scaled - lse[:, None]  # [c, V]
-            entropy = -(log_p.exp() * log_p).sum(-1)  # [c]
+        logp, lse, entropy = _logprob_stats(logits / temperature, targets, with_entropy)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature = temperature
         return torch.stack([logp, entropy]) if with_entropy else logp[None]
@@ -271,20 +336,56 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         """``grad`` [S, c] -> the gradient [c, V] of the logits."""
         logits, targets, lse, entropy = ctx.saved_tensors
-        temperature: float = ctx.temperature
-        g_logp = grad[0][:, None]  # [c, 1]
-        log_p = logits.div(temperature).sub_(lse[:, None])  # [c, V]
+        scaled = logits / ctx.temperature
         del logits  # (recomputed by the chunk's checkpoint) one [c, V] fewer from here on
-        if len(grad) > 1:  # with the entropy
-            p = log_p.exp()
-            coef = log_p.add_(entropy[:, None]).mul_(grad[1][:, None]).add_(g_logp)
-            grad_s = p.mul_(coef).neg_()  # -p ⊙ (g_logp + g_H (log p + H))
-        else:
-            grad_s = log_p.exp_().mul_(-g_logp)  # -g_logp · p
-        grad_s.scatter_add_(1, targets[:, None], g_logp)  # + g_logp · e_y
-        if temperature != 1.0:
-            grad_s.div_(temperature)  # ∂s/∂z = 1/T
-        return grad_s, None, None, None
+        return _softmax_grad(scaled, targets, lse, entropy, grad, ctx.temperature), None, None, None
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """:class:`_TokenLogprobEntropy` of a linear head's logits ``z = h Wᵀ + b``, fused with it.
+
+    The forward keeps ``h`` [c, H] (a slice of the hidden states autograd holds anyway), the
+    log-normaliser and the entropy; the backward recomputes ``z`` (one more head matmul, the
+    price of never holding [c, V] between forward and backward), turns it in place into ∂/∂z
+    (:func:`_softmax_grad`) and multiplies it back: ∂h = ∂z W, ∂W = (hᵀ ∂z)ᵀ, ∂b = Σ ∂z.
+    Without an autograd checkpoint the forward's log-normaliser is not recomputed, and the
+    softmax runs in place: this is what keeps the chunked path near the unchunked one's time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        temperature: float,
+        with_entropy: bool,
+    ) -> torch.Tensor:
+        """``hidden`` [c, H], ``targets`` [c], ``weight`` [V, H], ``bias`` [V] -> [S, c]."""
+        scaled = _scaled_logits(F.linear(hidden, weight, bias), temperature)  # [c, V]
+        logp, lse, entropy = _logprob_stats(scaled, targets, with_entropy)
+        ctx.save_for_backward(hidden, targets, weight, bias, lse, entropy)
+        ctx.temperature = temperature
+        device = hidden.device.type  # the backward's matmuls run under the forward's autocast
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return torch.stack([logp, entropy]) if with_entropy else logp[None]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``grad`` [S, c] -> the gradients of ``hidden``, ``weight`` and ``bias``."""
+        hidden, targets, weight, bias, lse, entropy = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        wants_h, _, wants_w, wants_b = ctx.needs_input_grad[:4]
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            scaled = _scaled_logits(F.linear(hidden, weight, bias), ctx.temperature)  # [c, V]
+            grad_z = _softmax_grad(scaled, targets, lse, entropy, grad, ctx.temperature)
+            grad_z = grad_z.to(weight.dtype)  # [c, V] in the head's dtype, as autograd casts it
+            grad_h = (grad_z @ weight).to(hidden.dtype) if wants_h else None  # [c, H]
+            grad_w = torch.mm(hidden.t(), grad_z).t().to(weight.dtype) if wants_w else None
+        grad_b = grad_z.sum(0).to(bias.dtype) if bias is not None and wants_b else None  # [V]
+        return grad_h, None, grad_w, grad_b, None, None
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

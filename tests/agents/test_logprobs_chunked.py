@@ -312,3 +312,46 @@ def test_written_out_softmax_gradient_passes_gradcheck(with_entropy: bool, tempe
     assert torch.autograd.gradcheck(
         lambda z: _TokenLogprobEntropy.apply(z, targets, temperature, with_entropy), (logits,)
     )
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_linear_head_gradient_passes_gradcheck(with_entropy: bool, temperature: float):
+    from agents.training.logprobs import _LinearHeadLogprobs
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_()
+    weight = (2 * torch.randn(11, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(11, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 11, (5,), generator=g)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: _LinearHeadLogprobs.apply(h, targets, w, b, temperature, with_entropy),
+        (hidden, weight, bias),
+    )
+
+
+class _WrappedHead(nn.Module):
+    """An output head that is not a plain ``nn.Linear`` (its own forward around one)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)
+
+
+def test_a_head_that_is_not_a_plain_linear_is_chunked_under_a_checkpoint(tiny) -> None:
+    from agents.training.logprobs import _output_head, _plain_linear
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).double()
+    batch = _batch(len(tokenizer), tokenizer.pad_token_id)
+    want = _values_and_grads(model, batch, 4)  # the fused linear head
+    assert _plain_linear(_output_head(model)) is not None
+    model.lm_head = _WrappedHead(model.lm_head)
+    assert _plain_linear(_output_head(model)) is None
+    got = _values_and_grads(model, batch, 4)
+    renamed = {k.replace("lm_head.linear.", "lm_head."): v for k, v in got[2].items()}
+    _assert_same((*got[:2], renamed), want, atol=1e-10)
+    _assert_same(got, _values_and_grads(model, batch, 0), atol=1e-6)

@@ -31,3 +31,21 @@ def test_learning_curve_quick_writes_the_table_and_plots(tmp_path: Path) -> None
         out / r / "eval" / "stage-k1" / "iter-000000.json" for r in ("holderpo-seed0", "grpo-seed0")
     )
     assert reused.read_text() == first.read_text()
+
+
+def test_logprob_memory_writes_both_paths_with_their_ratios(tmp_path: Path) -> None:
+    table = tmp_path / "logprob_memory.md"
+    cmd = [sys.executable, "-m", "bench.logprob_memory", "--vocab", "4096", "--hidden", "32",
+           "--prompt", "16", "--response", "64", "--chunk-tokens", "32", "--entropy",
+           "--markdown", str(table)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "chunks of 32" in done.stdout
+    text = table.read_text()
+    assert text.startswith("<!-- written by bench/logprob_memory.py")
+    rows = [line for line in text.splitlines() if line.startswith(("| dense", "| ragged"))]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| dense", "unchunked"], ["| dense", "chunks of 32"],
+        ["| ragged", "unchunked"], ["| ragged", "chunks of 32"],
+    ]  # fmt: skip
+    assert all("x)" in r for r in rows[1::2])  # the chunked rows carry ratios to the unchunked

@@ -23,6 +23,8 @@ Info schema (every ``reset`` and ``step`` returns these keys; see :class:`InfoKe
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any, Final
 
 import gymnasium as gym
@@ -45,7 +47,17 @@ class InfoKeys:
 
 
 def text_space() -> spaces.Text:
-    """A Gymnasium ``Text`` space for free text (any printable unicode up to 1 MiB)."""
+    """A Gymnasium ``Text`` space for free text (any printable unicode up to 1 MiB).
+
+    Each call returns its own space (its own random generator, seeded on first use); they share
+    one charset index, which gymnasium takes ~0.1 s to build for these 65k characters and an
+    env has two spaces, so it is built once per process.
+    """
+    return copy.copy(_text_prototype())
+
+
+@functools.cache
+def _text_prototype() -> spaces.Text:
     return spaces.Text(max_length=MAX_TEXT_LENGTH, min_length=0, charset=_CHARSET)
 
 

@@ -39,3 +39,15 @@ def test_required_keys_are_the_documented_schema():
         "subtask",
         "action_valid",
     )
+
+
+def test_each_text_space_is_its_own_but_shares_the_charset_index():
+    a, b = text_space(), text_space()
+    assert a is not b and a == b  # equal spaces (same charset and lengths)
+    assert vars(a)["_char_index"] is vars(b)["_char_index"]  # gymnasium's index, built once
+    a.seed(0)
+    first = a.sample()
+    b.seed(1)
+    a.seed(0)
+    assert a.sample() == first  # seeding one space leaves the other's generator alone
+    assert a.np_random is not b.np_random

@@ -16,8 +16,9 @@ learner's). Two loss masks:
 Each (mask, path) runs in a fresh process and reports:
 
 * ``saved``: bytes of the distinct tensors autograd saves for backward during the forward
-  (``torch.autograd.graph.saved_tensors_hooks``, each storage once); a checkpointed chunk saves
-  nothing here (its input [chunk, H] is kept by the checkpoint);
+  (``torch.autograd.graph.saved_tensors_hooks``, each storage once); a chunk saves its input
+  [chunk, H] (a view of the hidden states), the head weight (the parameter itself) and [chunk]
+  vectors;
 * ``peak``: on CPU the resident-memory high-water above the memory before the first forward
   (sampled every 2 ms), on CUDA ``torch.cuda.max_memory_allocated`` above the allocated memory
   before it;

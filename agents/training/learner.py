@@ -8,7 +8,7 @@ gives the iteration (:class:`holderpo.schedule.PSchedule`; the learner owns it).
 It computes only what the update uses (docs/training.md, "What an update computes"): rows that
 cannot move the gradient are skipped, π_old is recomputed only when it can differ from π_θ,
 every log-prob is that of the generator's temperature-scaled distribution, and the output head
-runs on the loss tokens only, in checkpointed chunks (:func:`token_logprobs`), so its logits are
+runs on the loss tokens only, in recomputed chunks (:func:`token_logprobs`), so its logits are
 never held for the whole batch.
 
 One class runs on one process or many: it takes the process context

@@ -2,8 +2,9 @@
 
 :func:`token_logprobs` is what every part of training computes π with (π_θ, π_old, π_ref and the
 entropy): ``log_softmax(logits / T)`` at the sampling temperature ``T``, through the output head
-on the positions that carry loss only, in checkpointed chunks, so the logits [N, L, V] are never
-held for the whole batch (docs/training.md, "Memory of the output head").
+on the positions that carry loss only, in chunks whose logits the backward recomputes, so the
+logits [N, L, V] are never held for the whole batch (docs/training.md, "Memory of the output
+head").
 """
 
 from __future__ import annotations

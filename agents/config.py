@@ -359,11 +359,10 @@ def check_across(run: RunConfig) -> None:
             f"rollout.group_size >= {need} (got {run.rollout.group_size}: every advantage would "
             f"be 0 or uncentred); set rollout.group_size={max(need, 4)}"
         )
-    rollout = run.rollout
-    if not 0 <= rollout.guided < rollout.group_size:
+    if not 0 <= run.rollout.guided < run.rollout.group_size:
         raise ConfigError(
-            f"rollout.guided={rollout.guided} must be in [0, rollout.group_size="
-            f"{rollout.group_size}): at least one rollout per group samples the policy"
+            f"rollout.guided={run.rollout.guided} must be in [0, rollout.group_size="
+            f"{run.rollout.group_size}): at least one rollout per group samples the policy"
         )
     room = run.rollout.max_new_tokens + MIN_PROMPT_TOKENS
     if run.trainer.max_length < room:

@@ -99,8 +99,7 @@ def _span_token_logprobs(
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log_softmax(logits / T)`` over the last axis, in at least float32 -> [..., V]."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
+    logits = _at_least_float32(logits)
     if temperature != 1.0:
         logits = logits / temperature
     return F.log_softmax(logits, dim=-1)
@@ -251,18 +250,20 @@ def _head_chunk(
     with_entropy: bool,
 ) -> torch.Tensor:
     """One chunk: ``hidden`` [c, H], ``targets`` [c] -> [S, c] (log-prob; entropy)."""
-    logits = head_forward(hidden)  # [c, V]
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()  # log-softmax in at least float32
+    logits = _at_least_float32(head_forward(hidden))  # [c, V]
     out = _TokenLogprobEntropy.apply(logits, targets, temperature, with_entropy)
     assert isinstance(out, torch.Tensor)  # for the type checker: apply returns forward's result
     return out
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` as float32 when they are half precision (the softmax runs in float32 or wider)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``s = z / T`` in at least float32, in place when ``logits`` is a float32 temporary."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
+    """``s = z / T`` in at least float32, in place: ``logits`` is a temporary of the caller."""
+    logits = _at_least_float32(logits)
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 

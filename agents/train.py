@@ -118,6 +118,7 @@ def run_iteration(
             seed=rollout_seed(cfg.trainer.seed, it, rt.ctx.rank),
             group_seeds=[t.seed for t in tasks],
             group_options=[t.reset_options for t in tasks],
+            group_turns=[t.turns for t in tasks],
             guided=cfg.rollout.guided,
         )
     curriculum_metrics = curriculum.observe(

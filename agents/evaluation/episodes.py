@@ -29,6 +29,7 @@ from agents.evaluation.report import (
     plot_history,
     stage_table,
     summarise,
+    write_episodes,
     write_report,
 )
 from agents.rollout.curriculum import Stage, parse_stage, stage_name, stage_options
@@ -96,35 +97,42 @@ def _play(
     envs_idx = list(range(len(seeds)))
     options = [stage_options(stage)] * len(seeds)
     obs_info = dict(zip(envs_idx, pool.reset(envs_idx, seeds, options), strict=True))
-    steps = dict.fromkeys(envs_idx, 0)
+    games = {i: str(obs_info[i][1].get("game") or f"seed={seeds[i]}") for i in envs_idx}
+    actions: dict[int, list[str]] = {i: [] for i in envs_idx}
     valid = dict.fromkeys(envs_idx, 0)
     reward = dict.fromkeys(envs_idx, 0.0)
     done: dict[int, EpisodeResult] = {}
+
+    def result(i: int) -> EpisodeResult:
+        return _result(obs_info[i][1], seeds[i], games[i], actions[i], valid[i], reward[i])
+
     for _ in range(max_turns):
         active = [i for i in envs_idx if i not in done]
         if not active:
             break
-        actions = actor.act([obs_info[i][0] for i in active], [obs_info[i][1] for i in active])
-        for i, res in zip(active, pool.step(active, actions), strict=True):
-            steps[i] += 1
+        chosen = actor.act([obs_info[i][0] for i in active], [obs_info[i][1] for i in active])
+        for i, action, res in zip(active, chosen, pool.step(active, chosen), strict=True):
+            actions[i].append(action)
             valid[i] += bool(res.info.get(InfoKeys.ACTION_VALID, True))
             reward[i] += res.reward
             obs_info[i] = (res.obs, dict(res.info))
             if res.terminated or res.truncated:
-                done[i] = _result(res.info, steps[i], valid[i], reward[i])
-    for i in envs_idx:
-        if i not in done:
-            done[i] = _result(obs_info[i][1], steps[i], valid[i], reward[i])
-    return [done[i] for i in envs_idx]
+                done[i] = result(i)
+    return [done[i] if i in done else result(i) for i in envs_idx]
 
 
-def _result(info: Any, steps: int, valid_steps: int, reward: float) -> EpisodeResult:
+def _result(
+    info: Any, seed: int, game: str, actions: Sequence[str], valid_steps: int, reward: float
+) -> EpisodeResult:
     return EpisodeResult(
         subtask=str(info.get(InfoKeys.SUBTASK, "unknown")),
         success=bool(info.get(InfoKeys.WON, False)),
-        steps=steps,
+        steps=len(actions),
         reward=reward,
         valid_steps=valid_steps,
+        seed=seed,
+        game=game,
+        actions=tuple(actions),
     )
 
 
@@ -144,17 +152,20 @@ def policy_episodes(
             group_seeds=chunk,
             group_options=[stage_options(stage)] * len(chunk),
         )
-        results += [_from_trajectory(t) for t in trajectories]
+        results += [_from_trajectory(t, chunk[t.group_id]) for t in trajectories]
     return results
 
 
-def _from_trajectory(t: Trajectory) -> EpisodeResult:
+def _from_trajectory(t: Trajectory, seed: int) -> EpisodeResult:
     return EpisodeResult(
         subtask=t.subtask,
         success=t.success,
         steps=len(t.steps),
         reward=t.total_reward,
         valid_steps=sum(s.action_valid for s in t.steps),
+        seed=seed,
+        game=t.game,
+        actions=tuple(s.action for s in t.steps),
     )
 
 
@@ -216,6 +227,7 @@ def evaluate_policy(
     stem = f"iter-{iteration:06d}" if iteration is not None else "final"
     report = summarise(results, subtasks=tasks.subtasks, label=label, iteration=iteration)
     save_report(report, cfg.run_dir, stem, stage)
+    write_episodes(results, stage_dir(cfg.run_dir, stage), stem)
     return report
 
 

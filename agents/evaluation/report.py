@@ -36,6 +36,12 @@ class EpisodeResult:
     """Total env reward."""
     valid_steps: int | None = None
     """Steps whose action the env accepted (``info["action_valid"]``); None: not recorded."""
+    seed: int | None = None
+    """The reset seed of the episode (``None``: not recorded)."""
+    game: str = ""
+    """Which game or problem was played (the env's ``info["game"]``, else ``seed=<seed>``)."""
+    actions: tuple[str, ...] = ()
+    """The actions sent to the env, in order (``()``: not recorded)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,24 @@ def write_report(report: Report, out_dir: Path, stem: str) -> tuple[Path, Path]:
     json_path.write_text(report.to_json())
     md_path.write_text(report.to_markdown())
     return json_path, md_path
+
+
+def write_episodes(results: Sequence[EpisodeResult], out_dir: Path, stem: str) -> Path:
+    """Write ``<stem>.episodes.jsonl``: one line per episode (game, subtask, success, actions).
+
+    What the policy did, beside the report's counts: a user can read why an episode failed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.episodes.jsonl"
+    lines = [json.dumps({**asdict(r), "actions": list(r.actions)}) for r in results]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def load_episodes(path: Path) -> list[EpisodeResult]:
+    """Read the episodes written by :func:`write_episodes`."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [EpisodeResult(**{**row, "actions": tuple(row["actions"])}) for row in rows]
 
 
 def load_report(path: Path) -> Report:

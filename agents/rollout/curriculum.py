@@ -20,6 +20,8 @@ uninterrupted run planned. Built-ins (``curriculum=<name>``, ``configs/curriculu
   in turn, so each is played as often) or ``shared`` (one ``k`` for every task). Envs without a
   finite task list share one ``k``. With ``scope=subtask``, ``curriculum.focus`` gives that share
   of each iteration's groups to the subtasks furthest behind (:meth:`ReverseSampler.behind`).
+  ``curriculum.turn_slack`` gives an episode started ``k`` actions from the goal ``k + slack``
+  policy turns (at most ``rollout.max_turns``): the expert's ``k`` and a few to recover.
 
 Reverse curricula from a demonstration: Salimans & Chen 2018, "Learning Montezuma's Revenge from a
 single demonstration"; Resnick et al. 2018, "Backplay"; Florensa et al. 2017, "Reverse curriculum
@@ -117,6 +119,9 @@ class CurriculumConfig:
     focus: float = 0.0
     """``reverse`` with ``scope=subtask``: share of each iteration's groups given to the subtasks
     furthest behind (lowest ``k``, then lowest recent success); the rest take them in turn."""
+    turn_slack: int | None = None
+    """``reverse``: an episode started ``k`` expert actions from the goal gets ``k + turn_slack``
+    policy turns (at most ``rollout.max_turns``); ``None``: ``rollout.max_turns`` at every ``k``."""
     eval_stages: tuple[int | str, ...] = (FULL,)
     """Stages evaluated during training: ``k`` values and/or ``full`` (the ordinary game)."""
 
@@ -138,6 +143,12 @@ class CurriculumConfig:
             raise ValueError(
                 f"curriculum.focus={self.focus} ranks subtasks: it needs curriculum.scope=subtask "
                 f"(got {self.scope!r}); or set curriculum.focus=0"
+            )
+        if self.turn_slack is not None and (
+            isinstance(self.turn_slack, bool) or self.turn_slack < 0
+        ):
+            raise ValueError(
+                f"curriculum.turn_slack must be an integer >= 0 (or null), got {self.turn_slack!r}"
             )
         for key in ("window", "step", "start"):
             if getattr(self, key) < 1:
@@ -173,6 +184,8 @@ class Task:
     """Identity of the task in the sampler's state (``s mod n`` for an env with ``n`` tasks)."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Reset options (``{"expert_remaining": k}``); empty for the ordinary game."""
+    turns: int | None = None
+    """The policy's turns of each episode (``None``: ``rollout.max_turns``)."""
 
     @property
     def reset_options(self) -> dict[str, Any] | None:
@@ -389,9 +402,11 @@ class ReverseSampler(TaskSampler):
             names = self._subtask_choice(iteration, rank, world_size, num_groups)
             seeds = [self._task_of(name, h) for name, h in zip(names, seeds, strict=True)]
         out = []
+        slack = self.config.turn_slack
         for s in seeds:
             key = self.task_key(s)
-            out.append(Task(s, key, {EXPERT_REMAINING: self.k_of(key)}))
+            k = self.k_of(key)
+            out.append(Task(s, key, {EXPERT_REMAINING: k}, None if slack is None else k + slack))
         return out
 
     def _subtask_choice(

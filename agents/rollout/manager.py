@@ -99,6 +99,8 @@ class _Episode:
     steps: list[Step] = field(default_factory=list)
     done: bool = False
     guided: bool = False
+    turns: int = 1
+    """The policy's turns of this episode (its group's limit)."""
 
     def state(self) -> PromptState:
         admissible = tuple(self.info[InfoKeys.ADMISSIBLE_ACTIONS] or ())
@@ -146,6 +148,7 @@ class RolloutManager:
         seed: int,
         group_seeds: Sequence[int] | None = None,
         group_options: Sequence[ResetOptions] | None = None,
+        group_turns: Sequence[int | None] | None = None,
         guided: int = 0,
     ) -> tuple[list[Trajectory], dict[str, float]]:
         """Play ``num_groups × group_size`` episodes of at most ``max_turns`` turns.
@@ -161,6 +164,9 @@ class RolloutManager:
             group_options: Reset options of each group (``{"expert_remaining": k}`` starts ``k``
                 expert actions from the goal, :mod:`envs.prefix`); the replayed expert steps are
                 no training samples but appear in the prompt's history window.
+            group_turns: Turn limit of each group (``None`` entries: ``max_turns``), at most
+                ``max_turns`` (a larger one is cut to it); a task sampler sets them
+                (``curriculum.turn_slack``).
             guided: Rollouts per group (its last ones) that take the env's expert action every
                 turn (``rollout.guided``; see the module docstring); fewer than ``group_size``.
 
@@ -183,19 +189,21 @@ class RolloutManager:
             raise ValueError(f"got {len(group_options)} group_options for {num_groups} groups")
         if not 0 <= guided < group_size:
             raise ValueError(f"guided must be in [0, group_size={group_size}), got {guided}")
+        limits = _turn_limits(group_turns, num_groups, max_turns)
         clock = _Clock()
         episodes = self._reset(group_seeds, group_options, group_size, clock)
         for e in episodes:
             e.guided = e.env % group_size >= group_size - guided
+            e.turns = limits[e.group]
             if e.guided:
                 _expert_next(e)  # an env without a plan fails here, before any generation
         turns = 0
-        for t in range(max_turns):
+        for _ in range(max_turns):
             active = [e for e in episodes if not e.done]
             if not active:
                 break
             turns += 1
-            self._turn(active, last=t == max_turns - 1, clock=clock)
+            self._turn(active, clock=clock)
         trajectories = [_trajectory(e) for e in episodes]
         return trajectories, rollout_metrics(trajectories, turns=turns, clock=clock)
 
@@ -229,7 +237,7 @@ class RolloutManager:
         task = read_task(self.config.template, first)
         return _Episode(env, group, seed, task, obs, info, history=replayed)
 
-    def _turn(self, active: list[_Episode], *, last: bool, clock: _Clock) -> None:
+    def _turn(self, active: list[_Episode], *, clock: _Clock) -> None:
         """One batched generation and one batched env step for the active episodes."""
         t0 = time.perf_counter()
         allowed = self._allowed(active)
@@ -246,7 +254,7 @@ class RolloutManager:
         clock.generate += t2 - t1
         clock.env += t3 - t2
         for e, g, p, r in zip(active, gens, parsed, results, strict=True):
-            _record(e, g, p, r, last=last)
+            _record(e, g, p, r, last=len(e.steps) + 1 >= e.turns)
 
     def _prompt_ids(self, episode: _Episode, budget: int) -> list[int]:
         """Token ids of the turn's prompt, fitted to ``budget``.
@@ -315,6 +323,19 @@ class RolloutManager:
         require_think = template.require_think and not (self.config.constrained or episode.guided)
         p = parse_action(text, admissible, require_think=require_think)
         return _Parsed(action=p.action if p.action else text, valid=p.valid)
+
+
+def _turn_limits(
+    group_turns: Sequence[int | None] | None, groups: int, max_turns: int
+) -> list[int]:
+    """Each group's turn limit: its ``group_turns`` entry (``None``: ``max_turns``), capped."""
+    if group_turns is None:
+        return [max_turns] * groups
+    if len(group_turns) != groups:
+        raise ValueError(f"got {len(group_turns)} group_turns for {groups} groups")
+    if any(t is not None and t < 1 for t in group_turns):
+        raise ValueError(f"group_turns must be >= 1 (or None), got {list(group_turns)}")
+    return [max_turns if t is None else min(t, max_turns) for t in group_turns]
 
 
 def _expert_next(e: _Episode) -> str:

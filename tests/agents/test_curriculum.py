@@ -131,6 +131,17 @@ def test_reverse_plans_uniform_tasks_with_each_tasks_k() -> None:
     assert again[0].options == {EXPERT_REMAINING: 2}
 
 
+def test_turn_slack_gives_each_group_k_plus_slack_turns() -> None:
+    assert all(t.turns is None for t in _reverse().plan(0, rank=0, world_size=1, num_groups=3))
+    s = _reverse(window=1, turn_slack=1)
+    first = s.plan(0, rank=0, world_size=1, num_groups=3)
+    assert [t.turns for t in first] == [2, 2, 2]  # k = 1, one turn to spare
+    s.observe([_outcome(1.0, 1, key=first[0].key)])
+    again = s.plan(0, rank=0, world_size=1, num_groups=3)
+    assert again[0].options == {EXPERT_REMAINING: 2} and again[0].turns == 3
+    assert [t.turns for t in again[1:]] == [2, 2]
+
+
 def test_without_a_task_list_or_in_the_shared_scope_every_task_shares_one_k() -> None:
     no_list = ReverseSampler(CurriculumConfig(name="reverse"), seed=0, num_tasks=None)
     shared = ReverseSampler(CurriculumConfig(name="reverse", scope="shared"), seed=0, num_tasks=9)
@@ -377,6 +388,7 @@ def test_curriculum_overrides_reach_the_config() -> None:
         ("curriculum.start=0", "curriculum.start"),
         ("curriculum.cap=0", "curriculum.cap"),
         ("curriculum.focus=1.5", "curriculum.focus"),
+        ("curriculum.turn_slack=-1", "curriculum.turn_slack"),
         ("curriculum.eval_stages=[0]", "curriculum.eval_stages"),
         ("curriculum.eval_stages=[]", "curriculum.eval_stages"),
         ("+curriculum.thresold=0.5", "curriculum.thresold"),
@@ -498,6 +510,28 @@ def test_prefixed_rollout_shows_the_replayed_actions_and_trains_on_its_own_turns
         assert 1 <= len(t.steps) <= 2  # only the policy's turns are training samples
     assert trajs[0].steps[0].info[EXPERT_PLAN_LENGTH] == len(plan)
     assert EXPERT_PLAN_LENGTH not in trajs[2].steps[0].info
+
+
+def test_each_group_plays_at_most_its_own_turn_limit(tiny) -> None:
+    config = RolloutConfig(load_template("alfworld_short"), max_new_tokens=16, constrained=True)
+    with SerialEnvPool(EnvFactory("alfworld", {"split": "embedded_train"}), 6) as pool:
+        manager = RolloutManager(tiny, pool, config)
+        options = [{EXPERT_REMAINING: 3}] * 3
+        trajs, metrics = manager.collect(
+            3, 2, 4, seed=0, group_seeds=[0, 1, 2], group_options=options,
+            group_turns=[1, None, 9], guided=1,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="group_turns"):
+            manager.collect(3, 2, 4, seed=0, group_turns=[1, 2])
+    limits = {0: 1, 1: 4, 2: 4}  # None: max_turns; a larger limit is cut to max_turns
+    for t in trajs:
+        assert 1 <= len(t.steps) <= limits[t.group_id]
+        last = t.steps[-1]
+        assert last.terminated or last.truncated  # every episode ends at its own limit
+        if t.guided:  # the expert needs 3 actions: it wins unless its limit cuts it short
+            assert t.success == (limits[t.group_id] >= 3)
+    assert [len(t.steps) for t in trajs if t.group_id == 0] == [1, 1]
+    assert metrics["rollout/turns"] <= 4
 
 
 def test_expert_at_stage_k_wins_in_k_steps_with_the_success_reward() -> None:

@@ -9,10 +9,12 @@ import pytest
 
 from agents.evaluation.report import (
     EpisodeResult,
+    load_episodes,
     load_report,
     plot_history,
     summarise,
     wilson_interval,
+    write_episodes,
     write_report,
 )
 from envs.alfworld.env import SUBTASKS as ALFWORLD_SUBTASKS
@@ -102,3 +104,20 @@ def test_a_report_written_before_valid_rates_still_loads(tmp_path) -> None:
         del s["valid_rate"]
     (tmp_path / "old.json").write_text(json.dumps(raw))
     assert load_report(tmp_path / "old.json") == report
+
+
+def test_episode_log_round_trips_one_json_line_per_episode(tmp_path) -> None:
+    results = [
+        EpisodeResult("pick", True, 2, 10.0, valid_steps=2, seed=7, game="g7",
+                      actions=("go to desk 1", "move cd 1 to desk 1")),
+        EpisodeResult("look", False, 1, 0.0, valid_steps=0, seed=3, game="g3",
+                      actions=('say "hi"\nthen',)),
+    ]  # fmt: skip
+    path = write_episodes(results, tmp_path / "eval", "iter-000001")
+    assert path.name == "iter-000001.episodes.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["actions"] == [
+        "go to desk 1",
+        "move cd 1 to desk 1",
+    ]
+    assert load_episodes(path) == results

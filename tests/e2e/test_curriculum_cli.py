@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from agents.evaluation.report import load_episodes
 from agents.generation.models import load_policy_model
+from agents.rollout.env_pool import EnvFactory
 from agents.run.metrics import read_metrics
+from envs.prefix import EXPERT_PLAN, EXPERT_REMAINING, reset_with_prefix
 from tests.conftest import REPO_ROOT
 from tests.e2e.test_train_cli import ENTROPY, TINY, _comparable, _env, _run
 
@@ -48,6 +51,11 @@ def test_reverse_curriculum_default_trains_and_evaluates_per_stage(
         assert report["overall"]["episodes"] == 6
     staged = json.loads((run_dir / "eval" / "stage-k1" / "iter-000002.json").read_text())
     assert "stage k1" in staged["label"]
+    # beside each report, what the policy did in each of its episodes
+    episodes = load_episodes(run_dir / "eval" / "stage-k1" / "iter-000002.episodes.jsonl")
+    assert len(episodes) == 6 and len({e.game for e in episodes}) == 6
+    assert sum(e.success for e in episodes) == staged["overall"]["successes"]
+    assert all(1 <= len(e.actions) == e.steps <= 4 for e in episodes)
     table = (run_dir / "eval" / "stages-iter-000002.md").read_text().splitlines()
     assert "| subtask | k1 | full |" in table
     assert sum(line.startswith("| overall |") for line in table) == 1
@@ -108,7 +116,11 @@ def test_resume_with_the_reverse_curriculum_reproduces_the_uninterrupted_run(
 
 @pytest.mark.parametrize("split", ["embedded", "valid_unseen"])
 def test_evaluate_cli_expert_at_stage_2_wins_in_two_steps(
-    model_cache: Path, tmp_path: Path, split: str, request: pytest.FixtureRequest
+    model_cache: Path,
+    tmp_path: Path,
+    split: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = _env(model_cache)
     if split != "embedded":
@@ -121,6 +133,17 @@ def test_evaluate_cli_expert_at_stage_2_wins_in_two_steps(
     assert "stage k2" in report["label"]
     markdown = (tmp_path / "eval" / f"expert-{split}-k2.md").read_text()
     assert markdown.count("| overall |") == 1
+    # the episode log holds, for each game, the last two actions of its expert plan
+    episodes = load_episodes(tmp_path / "eval" / f"expert-{split}-k2.episodes.jsonl")
+    assert len(episodes) == 6 and all(e.success for e in episodes)
+    if "ALFWORLD_DATA" in env:
+        monkeypatch.setenv("ALFWORLD_DATA", env["ALFWORLD_DATA"])
+    game = EnvFactory("alfworld", {"split": split})()
+    for e in episodes:
+        assert e.seed is not None
+        _, info = reset_with_prefix(game, seed=e.seed, options={EXPERT_REMAINING: 2})
+        assert list(e.actions) == info[EXPERT_PLAN]
+    game.close()
 
 
 def test_evaluation_before_training_with_baselines_beside_the_model(

@@ -358,7 +358,12 @@ EXPECTED = {
     "uniform": CurriculumConfig(),
     "fixed": CurriculumConfig(name="fixed"),
     "reverse": CurriculumConfig(
-        name="reverse", window=2, scope="subtask", focus=0.5, eval_stages=(1, 2, 3, "full")
+        name="reverse",
+        window=1,
+        scope="subtask",
+        focus=0.5,
+        turn_slack=1,
+        eval_stages=(1, 2, 3, "full"),
     ),
 }
 

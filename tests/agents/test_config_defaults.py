@@ -46,7 +46,7 @@ CONFIGS = REPO_ROOT / "configs"
 
 PRESET_CHOICES: dict[str, set[str]] = {
     # one k per subtask, half the groups to the subtasks behind, k stages
-    "curriculum/reverse.yaml": {"name", "scope", "focus", "eval_stages"},
+    "curriculum/reverse.yaml": {"name", "window", "scope", "focus", "turn_slack", "eval_stages"},
     "curriculum/fixed.yaml": {"name"},
     "protocol/grpo.yaml": {"name"},
     "protocol/dr_grpo.yaml": {"name"},

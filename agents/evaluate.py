@@ -26,14 +26,8 @@ from omegaconf import DictConfig
 
 from agents.config import RENAMED_KEYS, ConfigError, RunConfig, build_run_config
 from agents.evaluation.baselines import BASELINES
-from agents.evaluation.episodes import (
-    eval_tasks,
-    policy_episodes,
-    run_episodes,
-    save_report,
-    stage_dir,
-)
-from agents.evaluation.report import EpisodeResult, Report, summarise, write_episodes
+from agents.evaluation.episodes import eval_tasks, policy_episodes, run_episodes, save_report
+from agents.evaluation.report import EpisodeResult, Report, summarise
 from agents.rollout.curriculum import parse_stage, stage_name
 from agents.run.cli import register_env_configs, to_container
 from agents.run.preflight import check_env, check_model, check_renamed, cli_errors
@@ -130,8 +124,7 @@ def run_evaluation(cfg: RunConfig, request: EvalRequest) -> Report:
                 with make_pool(c, kwargs, max(size, 1)) as pool:
                     results += policy_episodes(cfg, rt, pool, tasks.seeds, stage=stage)
     report = summarise(results, subtasks=subtasks, label=label)
-    save_report(report, cfg.run_dir, stem)
-    write_episodes(results, stage_dir(cfg.run_dir, None), stem)
+    save_report(report, results, cfg.run_dir, stem)
     return report
 
 

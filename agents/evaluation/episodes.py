@@ -197,9 +197,17 @@ def finish_reports(run_dir: Path) -> Path | None:
     return plots[0] if plots else None
 
 
-def save_report(report: Report, run_dir: Path, stem: str, stage: Stage = None) -> None:
-    """Write the report's JSON and Markdown under the stage's folder and log the table."""
-    _, md_path = write_report(report, stage_dir(run_dir, stage), stem)
+def save_report(
+    report: Report,
+    results: Sequence[EpisodeResult],
+    run_dir: Path,
+    stem: str,
+    stage: Stage = None,
+) -> None:
+    """Write the report (JSON, Markdown) and its episodes' log in the stage's folder; log it."""
+    folder = stage_dir(run_dir, stage)
+    _, md_path = write_report(report, folder, stem)
+    write_episodes(results, folder, stem)
     log.info("evaluation report: %s\n%s", md_path, report.to_markdown())
 
 
@@ -226,8 +234,7 @@ def evaluate_policy(
     )
     stem = f"iter-{iteration:06d}" if iteration is not None else "final"
     report = summarise(results, subtasks=tasks.subtasks, label=label, iteration=iteration)
-    save_report(report, cfg.run_dir, stem, stage)
-    write_episodes(results, stage_dir(cfg.run_dir, stage), stem)
+    save_report(report, results, cfg.run_dir, stem, stage)
     return report
 
 

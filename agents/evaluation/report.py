@@ -194,7 +194,7 @@ def write_episodes(results: Sequence[EpisodeResult], out_dir: Path, stem: str) -
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.episodes.jsonl"
-    lines = [json.dumps({**asdict(r), "actions": list(r.actions)}) for r in results]
+    lines = [json.dumps(asdict(r)) for r in results]
     path.write_text("".join(line + "\n" for line in lines))
     return path
 

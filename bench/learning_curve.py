@@ -61,6 +61,9 @@ def train(
 def finished(run_dir: Path, extra: list[str], stages: tuple[int, ...] = STAGES) -> bool:
     """Whether ``run_dir`` already holds this run's final evaluation (a re-run skips it)."""
     iterations = [int(o.split("=")[1]) for o in extra if o.startswith("trainer.iterations=")]
+    saved = run_dir / "run_config.json"  # written at the start of a run, with its iterations
+    if not iterations and saved.is_file():
+        iterations = [int(json.loads(saved.read_text())["trainer"]["iterations"])]
     if not iterations:
         return False
     name = f"iter-{iterations[-1]:06d}.json"
@@ -88,13 +91,29 @@ def curve(run_dir: Path, stages: tuple[int, ...] = STAGES) -> dict[int, float]:
 
 def diagnostics(run_dir: Path) -> dict[str, list[float]]:
     """The ``holder/`` diagnostics of every iteration (NaN where the update skipped every row)."""
-    keys = ("holder/weight_entropy", "holder/ratio_max", "holder/ratio_min", "holder/p")
+    keys = ("holder/weight_entropy", "holder/ratio_max", "holder/ratio_min", "holder/p",
+            "loss/optimizer_steps")  # fmt: skip
     out: dict[str, list[float]] = {k: [] for k in keys}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         for k in keys:
             out[k].append(float(m.get(k, math.nan)))
     return out
+
+
+def steps_note(diags: dict[str, list[dict[str, list[float]]]]) -> str:
+    """A sentence on the optimizer steps per iteration (at one, every ratio is 1 at the step)."""
+    steps = [s for runs in diags.values() for d in runs for s in d["loss/optimizer_steps"]]
+    steps = [s for s in steps if not math.isnan(s)]
+    if steps and max(steps) <= 1:
+        return (
+            " Every iteration took at most one optimizer step, so every token ratio is 1 at its "
+            "step: "
+            "the algorithms differ only in how they weigh tokens and sequences, and p has no "
+            "effect (docs/loss.md)."
+        )
+    low, high = min(steps, default=0.0), max(steps, default=0.0)
+    return f" Optimizer steps per iteration: {low:.0f}–{high:.0f}."
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -130,6 +149,32 @@ def table(results: dict[str, list[dict[int, float]]], header: str) -> str:
             f"| {algorithm} | {len(finals)} | {100 * m:.1f}% ({100 * lo:.1f}–{100 * hi:.1f}%) | "
             f"{100 * auc:.1f}% ({100 * auc_lo:.1f}–{100 * auc_hi:.1f}%) |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def final_by_stage(run_dir: Path, stages: tuple[int, ...]) -> dict[int, float]:
+    """Success at the last evaluated iteration of a run, per stage k."""
+    out = {}
+    for stage in stages:
+        last = sorted((run_dir / "eval" / f"stage-k{stage}").glob("iter-*.json"))[-1]
+        out[stage] = json.loads(last.read_text())["overall"]["rate"]
+    return out
+
+
+def stage_table(
+    dirs: dict[tuple[str, int], Path], runs: list[tuple[str, int]], stages: tuple[int, ...]
+) -> str:
+    """Final held-out success per stage: the mean over seeds, and each seed's value."""
+    head = "| algorithm | " + " | ".join(f"k={k} (mean; per seed)" for k in stages) + " |"
+    lines = ["Final held-out success per stage:", "", head, "|---" * (len(stages) + 1) + "|"]
+    for algorithm in dict.fromkeys(a for a, _ in runs):
+        finals = [final_by_stage(dirs[r], stages) for r in runs if r[0] == algorithm]
+        cells = [
+            f"{100 * mean(f[k] for f in finals):.1f}% ("
+            + ", ".join(f"{100 * f[k]:.0f}" for f in finals) + ")"
+            for k in stages
+        ]  # fmt: skip
+        lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,15 +237,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [(a, s) for a in args.algorithms.split(",") for s in range(seeds)]
     dirs = {run: args.out / f"{run[0]}-seed{run[1]}" for run in runs}
-    train(dirs[runs[0]], *runs[0], extra, before=True, stages=stages)
 
-    def rest(run: tuple[str, int]) -> None:
-        train(dirs[run], *run, extra, before=False, stages=stages)
-        share_iteration_zero(dirs[runs[0]], dirs[run], stages)
-        print(*run, curve(dirs[run], stages), flush=True)
+    def one(run: tuple[str, int]) -> None:
+        train(dirs[run], *run, extra, before=run == runs[0], stages=stages)
+        print(*run, "done", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        list(pool.map(rest, runs[1:]))
+        list(pool.map(one, runs))  # the first run's iteration 0 is shared once all have finished
+    for run in runs[1:]:
+        share_iteration_zero(dirs[runs[0]], dirs[run], stages)
     results: dict[str, list[dict[int, float]]] = {}
     diags: dict[str, list] = {}
     for run in runs:
@@ -211,8 +256,9 @@ def main() -> None:
         + " ".join(sys.argv[1:]) + "`)\n\n"
         f"Same configuration and budget for every run; overrides: `{' '.join(extra) or 'none'}`. "
         "Iteration 0 (greedy, the same weights for every run) was evaluated once."
+        + steps_note(diags)
     )  # fmt: skip
-    text = table(results, header)
+    text = table(results, header) + "\n" + stage_table(dirs, runs, stages)
     (args.out / "results.md").write_text(text)
     plot(results, diags, args.out, stages)
     if args.docs:

@@ -294,6 +294,7 @@ class Learner:
                     sums[key] += value
                     counts[key] += 1
         metrics = {key: sums[key] / counts[key] for key in sums}
+        metrics["loss/optimizer_steps"] = sums["loss/optimizer_steps"]  # a count, not a mean
         metrics["time/old_logprobs_s"] = t1 - t0
         metrics["time/update_s"] = time.perf_counter() - t1
         metrics["holder/p"] = p

@@ -232,6 +232,15 @@ def test_several_updates_recompute_and_generator_source_uses_the_given_logprobs(
         LearnerConfig(old_logprobs="vllm")
 
 
+def test_optimizer_steps_count_every_mini_batch_step(tiny) -> None:
+    model, tokenizer = tiny
+    batch = _mixed_batch(tokenizer, zero=())  # 8 rows, every one movable
+    _, one, _, _ = _run(model, batch, PRESETS["holderpo"])
+    _, four, _, learner = _run(model, batch, PRESETS["holderpo"], mini_batch_size=4, ppo_epochs=2)
+    assert one["loss/optimizer_steps"] == 1.0
+    assert four["loss/optimizer_steps"] == 4.0 == learner.scheduler.last_epoch
+
+
 def test_temperature_scaled_logprobs_match_the_generator(tiny) -> None:
     from agents.generation.hf import HFPolicy
     from agents.types import SamplingParams

@@ -31,6 +31,16 @@ def test_learning_curve_quick_writes_the_table_and_plots(tmp_path: Path) -> None
         out / r / "eval" / "stage-k1" / "iter-000000.json" for r in ("holderpo-seed0", "grpo-seed0")
     )
     assert reused.read_text() == first.read_text()
+    assert "Final held-out success per stage" in table and table.count("| holderpo | ") == 2
+    assert "at most one optimizer step" in table  # quick mode: one update per batch
+    # a re-run trains nothing again (each run's last evaluation is there) and rewrites the table
+    runs = ("holderpo-seed0", "grpo-seed0")
+    metrics = [(out / r / "metrics.jsonl").read_bytes() for r in runs]
+    (out / "results.md").unlink()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "results.md").read_text() == table
+    assert [(out / r / "metrics.jsonl").read_bytes() for r in runs] == metrics
 
 
 def test_logprob_memory_writes_both_paths_with_their_ratios(tmp_path: Path) -> None:

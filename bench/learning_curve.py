@@ -79,14 +79,19 @@ def share_iteration_zero(source: Path, run_dir: Path, stages: tuple[int, ...] = 
             shutil.copyfile(path, target)
 
 
-def curve(run_dir: Path, stages: tuple[int, ...] = STAGES) -> dict[int, float]:
-    """Held-out success (mean over the stages) at every evaluated iteration of a run."""
-    per_stage: dict[int, list[float]] = {}
+def stage_rates(run_dir: Path, stages: tuple[int, ...] = STAGES) -> dict[int, dict[int, float]]:
+    """Held-out success per stage k at every iteration evaluated at all ``stages``."""
+    rates: dict[int, dict[int, float]] = {}
     for stage in stages:
         for path in sorted((run_dir / "eval" / f"stage-k{stage}").glob("iter-*.json")):
             report = json.loads(path.read_text())
-            per_stage.setdefault(int(report["iteration"]), []).append(report["overall"]["rate"])
-    return {it: mean(v) for it, v in sorted(per_stage.items()) if len(v) == len(stages)}
+            rates.setdefault(int(report["iteration"]), {})[stage] = report["overall"]["rate"]
+    return {it: r for it, r in sorted(rates.items()) if len(r) == len(stages)}
+
+
+def curve(run_dir: Path, stages: tuple[int, ...] = STAGES) -> dict[int, float]:
+    """Held-out success (mean over the stages) at every evaluated iteration of a run."""
+    return {it: mean(r.values()) for it, r in stage_rates(run_dir, stages).items()}
 
 
 def diagnostics(run_dir: Path) -> dict[str, list[float]]:
@@ -154,11 +159,7 @@ def table(results: dict[str, list[dict[int, float]]], header: str) -> str:
 
 def final_by_stage(run_dir: Path, stages: tuple[int, ...]) -> dict[int, float]:
     """Success at the last evaluated iteration of a run, per stage k."""
-    out = {}
-    for stage in stages:
-        last = sorted((run_dir / "eval" / f"stage-k{stage}").glob("iter-*.json"))[-1]
-        out[stage] = json.loads(last.read_text())["overall"]["rate"]
-    return out
+    return list(stage_rates(run_dir, stages).values())[-1]
 
 
 def stage_table(

@@ -12,7 +12,9 @@ others reuse its reports.
 Writes ``<out>/results.md`` (a table per algorithm: final held-out success, mean and a 95 % t
 interval over seeds, and the area under the success curve), ``<out>/learning_curve.png`` (mean
 curves with bands) and ``<out>/diagnostics.png`` (the ``holder/`` weight entropy and ratio envelope
-over training). With ``--docs`` the table is also written to ``docs/results.md``.
+over training). With ``--docs`` the table and the plots are also written to ``docs/results.md``
+(``docs/results_*.png``); ``--docs NAME`` writes ``docs/NAME.md`` (``docs/NAME_*.png``) instead, so
+a second study (say, several optimizer steps per batch) sits beside the default one.
 """
 
 from __future__ import annotations
@@ -227,9 +229,18 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     parser.add_argument("--quick", action="store_true", help="tiny model, one iteration each")
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve"))
-    parser.add_argument("--docs", action="store_true", help="also write docs/results.md")
+    parser.add_argument(
+        "--docs",
+        nargs="?",
+        const="results",
+        default=None,
+        metavar="NAME",
+        help="also write docs/NAME.md and its plots (NAME: results when omitted)",
+    )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
+    if args.docs is not None and not args.docs.isidentifier():  # before any run, not after
+        parser.error(f"--docs {args.docs!r}: use a plain file stem, e.g. results or results_steps")
     stages = tuple(int(k) for k in args.stages.split(","))
     budget = [] if args.iterations is None else [f"trainer.iterations={args.iterations}"]
     threads = ["trainer.torch_threads=1"] if args.jobs > 1 else []
@@ -263,13 +274,16 @@ def main() -> None:
     (args.out / "results.md").write_text(text)
     plot(results, diags, args.out, stages)
     if args.docs:
-        for name in ("learning_curve.png", "diagnostics.png"):
-            shutil.copyfile(args.out / name, Path("docs") / f"results_{name}")
-        figures = (
-            "\n![curves](results_learning_curve.png)\n\n![diagnostics](results_diagnostics.png)\n"
-        )
-        Path("docs/results.md").write_text("# Results\n\n" + text + figures)
+        write_docs(args.out, Path("docs"), args.docs, text)
     print(text)
+
+
+def write_docs(out: Path, docs: Path, name: str, text: str) -> None:
+    """``docs/<name>.md`` with the table, and the two plots beside it as ``<name>_*.png``."""
+    for plot_name in ("learning_curve.png", "diagnostics.png"):
+        shutil.copyfile(out / plot_name, docs / f"{name}_{plot_name}")
+    figures = f"\n![curves]({name}_learning_curve.png)\n\n![diagnostics]({name}_diagnostics.png)\n"
+    (docs / f"{name}.md").write_text("# Results\n\n" + text + figures)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.learning_curve import write_docs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,6 +43,25 @@ def test_learning_curve_quick_writes_the_table_and_plots(tmp_path: Path) -> None
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "results.md").read_text() == table
     assert [(out / r / "metrics.jsonl").read_bytes() for r in runs] == metrics
+    # --docs NAME: the page and both plots under that stem, the page linking to them
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_docs(out, docs, "results_study", table)
+    page = (docs / "results_study.md").read_text()
+    assert table in page
+    for name in ("learning_curve", "diagnostics"):
+        plot = docs / f"results_study_{name}.png"
+        assert plot.read_bytes() == (out / f"{name}.png").read_bytes()
+        assert f"]({plot.name})" in page
+
+
+@pytest.mark.parametrize("name", ["../results", "results.md", "a b"])
+def test_learning_curve_rejects_a_docs_name_that_is_not_a_stem(tmp_path: Path, name: str) -> None:
+    cmd = [sys.executable, "-m", "bench.learning_curve", "--quick", "--docs", name, "--out",
+           str(tmp_path / "lc")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--docs" in done.stderr and "plain file stem" in done.stderr
+    assert not (tmp_path / "lc").exists()  # refused before any run
 
 
 def test_logprob_memory_writes_both_paths_with_their_ratios(tmp_path: Path) -> None:

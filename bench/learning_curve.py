@@ -213,7 +213,8 @@ def plot(
         axes[1].plot(steps, first["holder/ratio_max"], marker=".", label=f"{algorithm} max")
         axes[1].plot(steps, first["holder/ratio_min"], linestyle="--", label=f"{algorithm} min")
     axes[0].set(xlabel="iteration", ylabel="holder/weight_entropy (seed 0)")
-    axes[1].set(xlabel="iteration", ylabel="ratio envelope (seed 0)")
+    # ratios are multiplicative, and one token's can reach 1e5 while the rest stay near 1
+    axes[1].set(xlabel="iteration", ylabel="ratio envelope (seed 0, log scale)", yscale="log")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6)
     fig.tight_layout()

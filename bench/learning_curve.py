@@ -281,9 +281,10 @@ def main() -> None:
 
 def write_docs(out: Path, docs: Path, name: str, text: str) -> None:
     """``docs/<name>.md`` with the table, and the two plots beside it as ``<name>_*.png``."""
-    for plot_name in ("learning_curve.png", "diagnostics.png"):
-        shutil.copyfile(out / plot_name, docs / f"{name}_{plot_name}")
-    figures = f"\n![curves]({name}_learning_curve.png)\n\n![diagnostics]({name}_diagnostics.png)\n"
+    figures = ""
+    for plot_name, alt in (("learning_curve", "curves"), ("diagnostics", "diagnostics")):
+        shutil.copyfile(out / f"{plot_name}.png", docs / f"{name}_{plot_name}.png")
+        figures += f"\n![{alt}]({name}_{plot_name}.png)\n"
     (docs / f"{name}.md").write_text("# Results\n\n" + text + figures)
 
 

@@ -247,6 +247,9 @@ class TrainerSection:
     """Warm start by behaviour cloning before the first iteration: passes over the expert's
     trajectories of every training task, rendered through the rollout's prompt template
     (:func:`agents.train.warm_start`); 0: none."""
+    bc_lr: float | None
+    """Learning rate of the warm start's steps; None: ``trainer.lr``. Supervised steps on
+    demonstrations tolerate a larger step than the RL updates that follow them."""
     eval_max_turns: int | None
     """The policy's turns per whole-game evaluation episode; None: the env's own step limit
     (ALFWorld's ``max_steps``, 50, as the official evaluation), or ``rollout.max_turns`` for an
@@ -294,6 +297,13 @@ class TrainerSection:
             raise ConfigError(
                 f"trainer.bc_epochs must be an integer >= 0 (0: no warm start), got "
                 f"{self.bc_epochs!r}; e.g. trainer.bc_epochs=3"
+            )
+        if self.bc_lr is not None and not (
+            isinstance(self.bc_lr, float | int) and math.isfinite(self.bc_lr) and self.bc_lr > 0
+        ):
+            raise ConfigError(
+                f"trainer.bc_lr must be a finite number > 0 or null (null: trainer.lr), got "
+                f"{self.bc_lr!r}; e.g. trainer.bc_lr=5e-5"
             )
         turns = self.eval_max_turns
         if turns is not None and (type(turns) is not int or turns < 1):

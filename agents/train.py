@@ -191,7 +191,7 @@ def warm_start(cfg: RunConfig, rt: Runtime, learner: Learner) -> dict[str, float
     steps = [s for t in demos for s in t.steps]
     ones = np.ones(len(steps))  # the NLL ignores advantages
     batch = collate(steps, ones, pad_id=rt.pad_id, max_length=cfg.trainer.max_length)
-    metrics = learner.imitate(batch, epochs=cfg.trainer.bc_epochs)
+    metrics = learner.imitate(batch, epochs=cfg.trainer.bc_epochs, lr=cfg.trainer.bc_lr)
     rt.policy.sync(rt.model)
     return {
         **metrics,

@@ -240,7 +240,7 @@ def not_run(finals: dict[str, list[dict[str, float]]]) -> str:
     names = ", ".join(f"{m!r}" for m in missing)
     return (
         f"\n\nNot run for this page: {names} (`python -m bench.whole_games --variants "
-        f"\"{','.join(VARIANTS)}\"` runs every variant)."
+        f'"{",".join(VARIANTS)}"` runs every variant).'
     )
 
 

@@ -1,4 +1,6 @@
-"""Test-wide settings: one torch thread (2-core machines slow down badly under contention)."""
+"""Test-wide settings: one torch thread unless ``OMP_NUM_THREADS`` asks for more (2-core machines
+slow down badly under contention; a run with 2 threads sums in another order, which the float
+comparisons must tolerate: tests/numerics.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 try:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 1)))
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 

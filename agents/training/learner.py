@@ -362,13 +362,15 @@ class Learner:
         metrics["holder/p"] = p
         return {**metrics, **corrected, **self._update_metrics(batch, live, drift)}
 
-    def imitate(self, batch: Batch, *, epochs: int) -> dict[str, float]:
+    def imitate(self, batch: Batch, *, epochs: int, lr: float | None = None) -> dict[str, float]:
         """Behaviour cloning: ``epochs`` passes of mini-batch steps on the response tokens' NLL.
 
         The loss of a mini-batch is the mean over its response tokens of ``-log π_θ(token)``,
         with the log-probs of every other update (:func:`token_logprobs`, the generator's
         temperature): the same tokenisation, prompts and optimizer as the RL updates, so a warm
         start by demonstrations is the first phase of one run. ``batch.advantages`` is ignored.
+        ``lr`` (None: the optimizer's) replaces the learning rate for these steps only; the
+        schedule's warm-up counts them and the RL updates after them get the configured rate.
 
         Returns:
             ``bc/loss`` (mean token NLL of the last epoch), ``bc/loss_first`` (of the first),
@@ -380,15 +382,16 @@ class Learner:
         batch = batch.pad_rows(all_reduce_max(len(batch), self.ctx)).to(self.device)
         per_epoch: list[float] = []
         steps = 0
-        for _ in range(epochs):
-            order = torch.randperm(len(batch), generator=self._shuffle).to(self.device)
-            nll = tokens = 0.0
-            for start in range(0, len(batch), self.cfg.mini_batch_size):
-                step_nll, step_tokens = self._imitation_step(
-                    batch, order[start : start + self.cfg.mini_batch_size]
-                )
-                nll, tokens, steps = nll + step_nll, tokens + step_tokens, steps + 1
-            per_epoch.append(nll / max(tokens, 1.0))
+        with self._learning_rate(lr):
+            for _ in range(epochs):
+                order = torch.randperm(len(batch), generator=self._shuffle).to(self.device)
+                nll = tokens = 0.0
+                for start in range(0, len(batch), self.cfg.mini_batch_size):
+                    step_nll, step_tokens = self._imitation_step(
+                        batch, order[start : start + self.cfg.mini_batch_size]
+                    )
+                    nll, tokens, steps = nll + step_nll, tokens + step_tokens, steps + 1
+                per_epoch.append(nll / max(tokens, 1.0))
         return {
             "bc/loss": per_epoch[-1],
             "bc/loss_first": per_epoch[0],
@@ -397,6 +400,26 @@ class Learner:
             "bc/tokens": float(all_reduce_sum(batch.loss_mask.sum().double().cpu(), self.ctx)),
             "time/bc_s": time.perf_counter() - t0,
         }
+
+    @contextlib.contextmanager
+    def _learning_rate(self, lr: float | None) -> Iterator[None]:
+        """The schedule's base rate set to ``lr`` inside the block (None: unchanged)."""
+        if lr is None:
+            yield
+            return
+        base = list(self.scheduler.base_lrs)
+        factor = self.scheduler.get_last_lr()[0] / base[0]  # the warm-up's current factor
+        self.scheduler.base_lrs = [lr] * len(base)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * factor
+        try:
+            yield
+        finally:
+            factor = self.scheduler.get_last_lr()[0] / lr
+            self.scheduler.base_lrs = base
+            for group, rate in zip(self.optimizer.param_groups, base, strict=True):
+                group["lr"] = rate * factor
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _imitation_step(self, batch: Batch, rows: torch.Tensor) -> tuple[float, float]:
         """One optimizer step on the token NLL of ``rows``; (summed NLL, tokens) over the ranks."""

@@ -67,6 +67,27 @@ def test_micro_batches_accumulate_the_mini_batch_nll_gradient(tiny) -> None:
         torch.testing.assert_close(grads[1][name], full, rtol=1e-7, atol=1e-10)
 
 
+def test_the_warm_start_steps_at_its_own_rate_and_the_updates_after_it_at_lr(tiny) -> None:
+    model, tokenizer = tiny
+    steps, advs = _steps(tokenizer, 4, seed=5)
+    batch = collate(steps, advs, pad_id=tokenizer.pad_token_id)
+    plain_sgd = dict(mini_batch_size=4, micro_batch_size=4, grad_clip=0.0, warmup_steps=4)
+    moved = {}
+    for lr, bc_lr in ((1e-3, 1e-2), (1e-2, None)):  # the second takes 1e-2 from its lr
+        m = copy.deepcopy(model).double()
+        learner = Learner(m, PRESETS["holderpo"], LearnerConfig(lr=lr, **plain_sgd))
+        start = {n: p.detach().clone() for n, p in m.named_parameters()}
+        learner.imitate(batch, epochs=2, lr=bc_lr)
+        moved[bc_lr] = {n: p.detach() - start[n] for n, p in m.named_parameters()}
+        # the warm-up counts the two warm-start steps; the next update gets lr at step 3 of 4
+        assert learner.scheduler.last_epoch == 2
+        assert learner.scheduler.get_last_lr() == pytest.approx([lr * 3 / 4])
+        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 3 / 4)
+        assert learner.update(batch, p=1.0)["loss/lr"] == pytest.approx(lr)  # warm-up done
+    for name, delta in moved[None].items():  # the same steps as a run whose lr is bc_lr
+        torch.testing.assert_close(moved[1e-2][name], delta, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def _rollout(**changes) -> RolloutSection:
     values = dict(
         num_groups=4, group_size=4, guided=1, guided_anneal=0.75, max_turns=4,

@@ -126,6 +126,7 @@ def test_bad_micro_batch_size_names_the_fix() -> None:
         LearnerConfig(mini_batch_size=6, micro_batch_size=4)
 
 
+@pytest.mark.numerics
 def test_response_span_logprobs_equal_a_full_forward(tiny) -> None:
     model, tokenizer = tiny
     steps, advs = _steps(tokenizer, 5, seed=4)

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from holderpo.aggregate import SMALL_P, holder_diagnostics, holder_weights, log_holder_mean
 
+pytestmark = pytest.mark.numerics  # float results of two computations (tests/numerics.py)
+
 P_VALUES = [-16.0, -3.0, -1.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 1.0, 2.0, 3.0, 16.0]
 
 

@@ -10,6 +10,8 @@ import torch
 
 from holderpo.loss import PRESETS, LossConfig, compute_loss, holderpo_loss, loss_units, preset
 
+pytestmark = pytest.mark.numerics  # float results of two computations (tests/numerics.py)
+
 B, T = 6, 11
 
 

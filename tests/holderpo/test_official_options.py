@@ -28,6 +28,8 @@ from holderpo.loss import (
     reg_units,
 )
 
+pytestmark = pytest.mark.numerics  # float results of two computations (tests/numerics.py)
+
 B, T = 6, 7
 
 

@@ -19,6 +19,8 @@ from holderpo.loss import (
     reg_units,
 )
 
+pytestmark = pytest.mark.numerics  # float results of two computations (tests/numerics.py)
+
 B, T = 8, 9
 
 

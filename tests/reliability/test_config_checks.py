@@ -90,6 +90,9 @@ BAD_OVERRIDES: list[tuple[tuple[str, ...], str, str]] = [
     (("curriculum=fixed", "curriculum.tasks=[abc]"), "curriculum.tasks=['abc']", "unclear"),
     (("rollout.pool=ray", "rollout.ray_address=127.0.0.1:1"), "rollout.ray_address", "late"),
     (("rollout.pool=ray", "rollout.ray_address=nowhere"), "rollout.ray_address", "late"),
+    # later settings
+    (("trainer.bc_lr=0",), "trainer.bc_lr", "new"),
+    (("trainer.bc_lr=fast",), "trainer.bc_lr", "new"),
 ]
 
 

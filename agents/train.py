@@ -30,6 +30,7 @@ from agents.evaluation.episodes import eval_tasks, evaluate_stages, finish_repor
 from agents.export import export_runtime
 from agents.rollout import curriculum
 from agents.rollout.curriculum import TaskSampler, rollout_seed
+from agents.rollout.env_pool import EnvWorkerError
 from agents.run.cli import register_env_configs, to_container, with_hydra_run_dir
 from agents.run.metrics import MetricsWriter
 from agents.run.preflight import check_renamed, cli_errors, preflight
@@ -80,8 +81,14 @@ def train(cfg: RunConfig) -> Path:
                 if main:
                     (cfg.run_dir / WARM_START_FILE).write_text(json.dumps(warm, indent=2))
                     log.info("warm start: %s", _warm_summary(warm))
+            saved, last_p = start, learner.p_at(max(start - 1, 0))  # the newest checkpoint's
             for it in _progress(range(start, cfg.trainer.iterations), cfg, enabled=main):
-                result = run_iteration(cfg, rt, learner, it, sampler)
+                try:
+                    result = run_iteration(cfg, rt, learner, it, sampler)
+                except EnvWorkerError as exc:  # no env of a reset left: keep what was learned
+                    _save_before_stop(cfg, rt, learner, it, saved, last_p, sampler, exc)
+                    raise
+                last_p = result.p
                 if _due(it, cfg.trainer.eval_every, cfg.trainer.iterations):
                     result.metrics.update(_evaluate(cfg, rt, it + 1))
                 writer.write(it, result.metrics)
@@ -89,6 +96,7 @@ def train(cfg: RunConfig) -> Path:
                     log.info(_summary(it, cfg.trainer.iterations, result))
                 if _due(it, cfg.trainer.save_every, cfg.trainer.iterations):
                     _save(cfg, rt, learner, it, result.p, sampler)
+                    saved = it + 1
         if main:
             finish_reports(cfg.run_dir)
         if cfg.trainer.export:  # <run_dir>/export, a Hugging Face model folder
@@ -333,6 +341,30 @@ def _save(
         layout=layout,
         documents={curriculum.STATE_FILE: document} if document is not None else None,
     )
+
+
+def _save_before_stop(
+    cfg: RunConfig,
+    rt: Runtime,
+    learner: Learner,
+    it: int,
+    saved: int,
+    p: float,
+    sampler: TaskSampler,
+    exc: EnvWorkerError,
+) -> None:
+    """Checkpoint the iterations done since the last save before iteration ``it`` stops the run.
+
+    The failed iteration stopped in its rollout, before any update, so the learner holds
+    iteration ``it - 1``'s state; ``resume=true`` reruns iteration ``it`` from there, as the run
+    would have. One process only: under torchrun the other ranks are not at this point.
+    """
+    if it == saved or rt.ctx.world_size > 1:
+        exc.add_note(f"the newest checkpoint holds iteration {saved}; resume=true continues there")
+        return
+    _save(cfg, rt, learner, it - 1, p, sampler)
+    log.error("iteration %d stopped (env workers); iteration %d is checkpointed", it + 1, it)
+    exc.add_note(f"iteration {it} was checkpointed before stopping; resume=true continues there")
 
 
 def _due(it: int, every: int, total: int) -> bool:

@@ -12,7 +12,8 @@ sections. What it cannot see is checked here, before a model loads or an env poo
 * the generator backend (``rollout.backend``) has what it needs installed (``vllm``: vLLM);
 * ``trainer.device=cuda`` has a CUDA device to run on;
 * ``rollout.pool=ray`` with a ``rollout.ray_address`` reaches a Ray cluster there within
-  :data:`RAY_CONNECT_TIMEOUT_S` (Ray itself would wait for minutes without a word);
+  :data:`RAY_CONNECT_TIMEOUT_S` (Ray itself would wait for minutes without a word): the port
+  accepts a connection and answers as a gRPC server (HTTP/2), as Ray's GCS does;
 * each ``trainer.loggers`` name is a known tracker whose package is installed;
 * on the command line (:func:`cli_errors`): ``debug`` is a boolean and an ``optional`` group's
   choice exists (Hydra skips a missing ``experiment=<name>`` without a word); before Hydra
@@ -103,15 +104,15 @@ def check_ray(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
 
     ``rollout.ray_address=null`` starts a local Ray and ``auto`` asks Ray to find the cluster of
     this machine (Ray fails at once when there is none); a ``host:port`` (or ``ray://host:port``)
-    must accept a TCP connection within ``timeout_s``.
+    must accept a TCP connection and answer an HTTP/2 preface (gRPC) within ``timeout_s``.
     """
     address = cfg.rollout.ray_address
     if cfg.rollout.pool != "ray" or address is None or address in ("auto", "local"):
         return
     host, port = _host_port(address)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            grpc = _speaks_grpc(conn, timeout_s)
     except OSError as exc:
         reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         raise ConfigError(
@@ -120,6 +121,38 @@ def check_ray(cfg: RunConfig, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
             "name the address of a running cluster, or set rollout.ray_address=null to start a "
             "local Ray"
         ) from exc
+    if not grpc:
+        raise ConfigError(
+            f"rollout.ray_address={address!r}: {host}:{port} accepts connections but does not "
+            "answer as a Ray cluster does (gRPC over HTTP/2); is it another service's port? Name "
+            "the Ray head's GCS port (`ray start --head` prints it; 6379 by default) or its Ray "
+            "Client port (ray://host:10001), or set rollout.ray_address=null to start a local Ray"
+        )
+
+
+_HTTP2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP2_EMPTY_SETTINGS: Final = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type 4
+_HTTP2_SETTINGS: Final = 0x04
+
+
+def _speaks_grpc(conn: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer answers an HTTP/2 client preface with a SETTINGS frame.
+
+    Every gRPC server does (Ray's GCS and its Ray Client server); an HTTP/1 server, or one that
+    says nothing within ``timeout_s``, does not.
+    """
+    conn.settimeout(timeout_s)
+    try:
+        conn.sendall(_HTTP2_PREFACE + _HTTP2_EMPTY_SETTINGS)
+        header = b""
+        while len(header) < 9:  # a frame header: length (3), type, flags, stream id (4)
+            chunk = conn.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except OSError:  # a timeout included
+        return False
+    return header[3] == _HTTP2_SETTINGS
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -420,7 +421,33 @@ def check_answer(answer: str, references: Sequence[str], *, timeout_s: int = 1) 
         return _verdict(TIMEOUT, f"comparing with the reference timed out after {timeout_s} s")
     if all(isinstance(p, str) for p in predicted):  # math-verify's text fallback only
         return _verdict(UNPARSABLE, "no expression in the answer (text only)", extracted)
+    if words := prose_words(answer):  # math-verify reads "the answer" as t*h*e*a*n*s*w*e*r
+        return _verdict(UNPARSABLE, f"words, not an expression ({', '.join(words[:3])})", extracted)
     return _verdict(NOT_EQUAL, "not equal to the reference", extracted)
+
+
+_COMMAND: Final = re.compile(r"\\[a-zA-Z]+")
+_TEXT_ARG: Final = re.compile(
+    r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}"
+)
+_WORD: Final = re.compile(r"[a-zA-Z]{4,}")
+FUNCTION_NAMES: Final = frozenset(
+    {"sqrt", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "frac", "infty", "cbrt"}
+)
+"""Names of four or more letters a plain-text expression may hold (``sqrt(2)``)."""
+
+
+def prose_words(answer: str) -> list[str]:
+    r"""Words of four or more letters outside LaTeX commands and ``\text{}``-like arguments.
+
+    math-verify parses any run of letters as a product of symbols, so ``\boxed{hello world}``
+    would be a parsed (wrong) expression and earn ``format_reward``; a wrong answer with such
+    words is :data:`UNPARSABLE` instead. Correct answers are decided before this check (a text
+    reference such as ``\text{Monday}`` still matches), and one- to three-letter names
+    (variables, ``sin``, ``log``) pass.
+    """
+    bare = _COMMAND.sub(" ", _TEXT_ARG.sub(" ", answer))
+    return [w for w in _WORD.findall(bare) if w.lower() not in FUNCTION_NAMES]
 
 
 def _verdict(status: str, reason: str, extracted: str = "") -> VerifyResult:

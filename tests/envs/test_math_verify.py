@@ -185,3 +185,20 @@ def test_references_are_parsed_once_and_an_unparsable_one_is_not_kept():
     assert list(verify._REFERENCES) == [("(-1, 4)", 1)]
     assert check_answer("1", [""]).reason == "reference could not be parsed"
     assert ("", 1) not in verify._REFERENCES  # parsed again next time (it may have timed out)
+
+
+@pytest.mark.parametrize(
+    ("answer", "references", "status"),
+    [
+        ("hello world", ["5"], "unparsable"),  # math-verify: h*e*l*l*o*w*o*r*l*d
+        ("\\text{Monday}", ["\\text{Monday}"], "correct"),  # a text answer still matches
+        ("Monday", ["\\text{Monday}"], "correct"),
+        ("\\sqrt{3} + \\frac{x}{2}", ["5"], "not_equal"),  # commands are not words
+        ("sqrt(2) + abc", ["5"], "not_equal"),  # a function name, a short variable
+        ("12 \\text{ cm}", ["5"], "not_equal"),  # a unit in text
+    ],
+)
+def test_words_are_not_an_expression_but_a_matching_text_answer_is_correct(
+    answer: str, references: list[str], status: str
+) -> None:
+    assert check_answer(answer, references).status == status

@@ -150,6 +150,36 @@ def test_a_dead_ray_address_fails_within_the_connect_timeout(cache: Path) -> Non
     assert time.monotonic() - start < RAY_CONNECT_TIMEOUT_S + 1
 
 
+def test_a_port_that_is_not_ray_is_refused_and_a_real_ray_cluster_passes(cache: Path) -> None:
+    import http.server
+    import tempfile
+    import threading
+
+    ray = pytest.importorskip("ray")
+    from agents.rollout.env_pool import init_ray
+
+    def check(address: str) -> None:
+        check_ray(
+            build_run_config(_tree(cache, "rollout.pool=ray", f"rollout.ray_address={address}"))
+        )
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:  # an HTTP server accepts the connection: Ray's client would wait there for minutes
+        with pytest.raises(ConfigError, match="does not answer as a Ray cluster"):
+            check(f"127.0.0.1:{web.server_port}")
+    finally:
+        web.shutdown()
+    started = not ray.is_initialized()
+    if started:
+        init_ray(num_cpus=1, temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short paths
+    try:
+        check(ray.get_runtime_context().gcs_address)  # the GCS answers as a gRPC server
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def test_cuda_without_a_gpu_names_the_key_and_the_fix(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -42,6 +42,7 @@ def _garbage(size: int) -> str:
     [
         ("a megabyte of garbage", _garbage(1 << 20), {"timeout", "unparsable"}),
         ("text with no expression", "?!?", {"unparsable"}),
+        ("words math-verify reads as a product", "the answer is forty two", {"unparsable"}),
     ],
 )
 def test_an_unparsable_box_is_invalid_and_earns_no_format_reward(

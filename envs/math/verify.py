@@ -414,6 +414,8 @@ def check_answer(answer: str, references: Sequence[str], *, timeout_s: int = 1) 
     gold = [g for ref in references for g in _parse_reference(ref, timeout_s)]
     if not gold:
         return _verdict(NO_REFERENCE, "reference could not be parsed", extracted)
+    if junk := not_an_answer(answer, references):  # math-verify would still read a value in it
+        return _verdict(UNPARSABLE, junk, extracted)
     equal, timed_out = _compare(gold, predicted, timeout_s)
     if equal:
         return VerifyResult(correct=True, extracted=extracted, reason="", status=CORRECT)
@@ -424,6 +426,28 @@ def check_answer(answer: str, references: Sequence[str], *, timeout_s: int = 1) 
     if words := prose_words(answer):  # math-verify reads "the answer" as t*h*e*a*n*s*w*e*r
         return _verdict(UNPARSABLE, f"words, not an expression ({', '.join(words[:3])})", extracted)
     return _verdict(NOT_EQUAL, "not equal to the reference", extracted)
+
+
+STRAY_SYMBOLS: Final = frozenset('@`"?#')
+"""Characters no final answer holds (LaTeX math has no use for them)."""
+
+
+def not_an_answer(answer: str, references: Sequence[str]) -> str:
+    r"""Why ``answer`` is text math-verify would read a value in but no answer ("" if none).
+
+    math-verify reads the last ``=`` of any string, so 100 random printable characters holding
+    ``…i=1hm…`` equal a reference ``1``, and letters are symbols (``hello`` is h·e·l·l·o). Such an
+    answer is :data:`UNPARSABLE` before it is compared: one with a :data:`STRAY_SYMBOLS`
+    character, or with words (:func:`prose_words`) where no reference spelling has any (a text
+    reference such as ``\text{Monday}`` still matches ``Monday``).
+    """
+    if stray := sorted(STRAY_SYMBOLS.intersection(answer)):
+        return f"not an answer: holds {''.join(stray)!r}"
+    if any(prose_words(r, in_text=True) for r in references):  # a text reference
+        return ""
+    if words := prose_words(answer):
+        return f"words, not an expression ({', '.join(words[:3])})"
+    return ""
 
 
 _COMMAND: Final = re.compile(r"\\[a-zA-Z]+")
@@ -437,16 +461,16 @@ FUNCTION_NAMES: Final = frozenset(
 """Names of four or more letters a plain-text expression may hold (``sqrt(2)``)."""
 
 
-def prose_words(answer: str) -> list[str]:
+def prose_words(answer: str, *, in_text: bool = False) -> list[str]:
     r"""Words of four or more letters outside LaTeX commands and ``\text{}``-like arguments.
 
+    ``in_text``: the arguments' words count too (a reference such as ``\text{Monday}`` has one).
     math-verify parses any run of letters as a product of symbols, so ``\boxed{hello world}``
-    would be a parsed (wrong) expression and earn ``format_reward``; a wrong answer with such
-    words is :data:`UNPARSABLE` instead. Correct answers are decided before this check (a text
-    reference such as ``\text{Monday}`` still matches), and one- to three-letter names
-    (variables, ``sin``, ``log``) pass.
+    would be a parsed (wrong) expression; an answer with such words where the reference has
+    none is :data:`UNPARSABLE` (:func:`not_an_answer`). One- to three-letter names (variables,
+    ``sin``, ``log``) and :data:`FUNCTION_NAMES` pass.
     """
-    bare = _COMMAND.sub(" ", _TEXT_ARG.sub(" ", answer))
+    bare = _COMMAND.sub(" ", answer if in_text else _TEXT_ARG.sub(" ", answer))
     return [w for w in _WORD.findall(bare) if w.lower() not in FUNCTION_NAMES]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -202,3 +203,12 @@ def test_words_are_not_an_expression_but_a_matching_text_answer_is_correct(
     answer: str, references: list[str], status: str
 ) -> None:
     assert check_answer(answer, references).status == status
+
+
+def test_random_printable_text_never_equals_a_reference() -> None:
+    """math-verify alone reads the last ``=`` of 100 random characters (``...i=1hm0...``) as 1."""
+    rng = random.Random(1)
+    chars = [chr(c) for c in range(33, 127) if chr(c) not in "{}\\"]
+    junk = ["".join(rng.choice(chars) for _ in range(rng.choice((5, 20, 100)))) for _ in range(200)]
+    statuses = [check_answer(j, ["1"]).status for j in junk]
+    assert "correct" not in statuses and statuses.count("unparsable") > 150

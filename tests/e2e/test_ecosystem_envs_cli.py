@@ -1,4 +1,4 @@
-"""``python -m agents.train`` on TextWorld and the TextArena adapter (tiny model, 2 iterations)."""
+"""``python -m agents.train`` on TextWorld and the TextArena and skyrl-gym adapters (tiny model)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ CASES = {
         ],
     ),
     "textarena": ("textarena", "pip install '.[textarena]'", ["rollout.max_turns=3"]),
+    "skyrl": ("skyrl_gym", "pip install '.[skyrl]'", ["env.eval_kwargs.num_problems=6"]),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Case:
     install: str = ""
     """How to install it (the skip reason)."""
     seeds: tuple[int, ...] = (0, 1)
+    label: str = ""
+    """The test id when one env is tested with two settings (default: the name)."""
 
 
 CASES = [
@@ -49,11 +51,15 @@ CASES = [
         "pip install '.[textworld]'",
     ),
     Case("textarena", {"game": "GuessTheNumber-v0"}, "textarena", "pip install '.[textarena]'"),
+    Case(
+        "skyrl", {"task": "gsm8k_multi_turn", "max_turns": 3}, "skyrl_gym", "pip install '.[skyrl]'"
+    ),
+    Case("skyrl", {"task": "gsm8k"}, "skyrl_gym", "pip install '.[skyrl]'", label="skyrl-gsm8k"),
 ]
 
 
 def _case_id(case: Case) -> str:
-    return case.name
+    return case.label or case.name
 
 
 @pytest.fixture(params=CASES, ids=_case_id, scope="module")
@@ -63,7 +69,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         pytest.skip(f"env {c.name!r} needs the {c.needs} package: {c.install}")
     if c.name == "textworld":  # its games are built into a folder of the test's own
         folder: Path = tmp_path_factory.mktemp("conformance-textworld")
-        return Case(c.name, {**c.kwargs, "cache_dir": str(folder)}, c.needs, c.install, c.seeds)
+        return replace(c, kwargs={**c.kwargs, "cache_dir": str(folder)})
     return c
 
 

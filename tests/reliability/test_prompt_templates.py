@@ -81,7 +81,7 @@ def test_fields_and_texts_are_bounded() -> None:
 
 def test_the_shipped_templates_still_render() -> None:
     state = PromptState("task", (("seen", "did"),), "now", ("look",))
-    for name in ("alfworld", "alfworld_short", "maze", "math", "math_short", "text"):
+    for name in ("alfworld", "alfworld_short", "maze", "math", "math_short", "skyrl", "text"):
         template = load_template(name)
         for window in (0, 1):
             (*_, user) = build_prompt(template, state, window=window)

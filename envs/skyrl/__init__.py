@@ -1,0 +1,1 @@
+"""skyrl-gym's offline text envs as a text env (the ``skyrl`` extra)."""

@@ -30,11 +30,13 @@ QUICK = [
     "trainer.iterations=2",
     "trainer.eval_episodes=4",
     "env.eval_kwargs.num_games=2",
-    "+env.kwargs.num_games=2",
+    "env.kwargs.num_games=2",
     "rollout.max_new_tokens=24",
 ]
 """``--quick``: the run at the tiny model's sizes (a smoke test of the pipeline, no learning)."""
 BASELINES = ("random", "verb_rule")
+SPLIT_KEYS = ("generation", "env", "learner", "evaluation and start-up", "wall")
+"""The parts of :func:`bench.whole_games.split` a run without a warm start has."""
 
 
 def run_kwargs(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,7 +113,7 @@ def page(run_dir: Path, experts: dict[str, tuple[int, int]], command: str) -> st
         f"The expert (each game's walkthrough) wins {expert} games.\n",
         table(run_dir),
         "\nWhere the time went (seconds): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if k not in ("of", "iterations"))
+        + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if k in SPLIT_KEYS)
         + f"; {times['iterations']:.0f} of {times['of']:.0f} iterations.\n",
     ]
     return "\n".join(parts)

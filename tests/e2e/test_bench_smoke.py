@@ -78,3 +78,20 @@ def test_logprob_memory_writes_both_paths_with_their_ratios(tmp_path: Path) -> N
     paths = [r.split(" | ")[:2] for r in rows]
     assert paths == [["| dense", "unchunked"], ["| dense", "chunks of 32"]]
     assert "x)" not in rows[0] and rows[1].count("x)") == 3  # saved, peak and time ratios
+
+
+@pytest.mark.slow
+def test_textworld_learning_quick_reads_the_runs_reports_and_plays_the_expert(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("textworld")
+    out = tmp_path / "tw"
+    cmd = [sys.executable, "-m", "bench.textworld_learning", "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (out / "results.md").read_text()
+    assert "wins training: 4 of 4; held-out: 4 of 4 games" in page  # 2 levels x 2 games each
+    rows = [line for line in page.splitlines() if line.startswith(("| k", "| full"))]
+    policies = ["model, iteration 0", "model, iteration 2", "random", "verb rule"]
+    assert [r.split(" | ")[1] for r in rows] == policies * 4  # k1..k3 and the whole game
+    assert all(r.count("%") == 3 for r in rows)  # cooking-1, cooking-2, overall

@@ -30,16 +30,24 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from difflib import SequenceMatcher
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from protocols.grpo import group_normalize
+from protocols.grpo import EPS, group_normalize
 from protocols.returns import discounted_returns
 
 Mode = Literal["mean_norm", "mean_std_norm"]
 MODES: tuple[str, ...] = ("mean_norm", "mean_std_norm")
+GAMMA: Final = 0.95
+"""Discount of the step return (Eq. 5; verl-agent's ``gamma``)."""
+STEP_WEIGHT: Final = 1.0
+"""``ω``, the weight of the step advantage (Eq. 8; verl-agent's ``step_advantage_w``)."""
+MODE: Final[Mode] = "mean_norm"
+"""Normalisation at both levels (verl-agent's ``mode`` default)."""
+INVALID_PENALTY: Final = 0.1
+"""Subtracted from the score and step return of an invalid step (verl-agent's penalty)."""
 
 
 def gigpo_advantages(
@@ -48,12 +56,12 @@ def gigpo_advantages(
     group_ids: ArrayLike,
     traj_ids: ArrayLike,
     *,
-    gamma: float = 0.95,
-    step_weight: float = 1.0,
-    mode: Mode = "mean_norm",
+    gamma: float = GAMMA,
+    step_weight: float = STEP_WEIGHT,
+    mode: Mode = MODE,
     invalid: ArrayLike | None = None,
-    invalid_penalty: float = 0.1,
-    eps: float = 1e-6,
+    invalid_penalty: float = INVALID_PENALTY,
+    eps: float = EPS,
     similarity_threshold: float | None = None,
 ) -> np.ndarray:
     """GiGPO advantage ``A = A_E + ω·A_S`` of each step sample (Eq. 8).
@@ -105,7 +113,7 @@ def episode_scores(step_rewards: np.ndarray, traj_ids: np.ndarray) -> np.ndarray
 
 
 def episode_advantages(
-    scores: np.ndarray, group_ids: np.ndarray, *, normalize_std: bool, eps: float = 1e-6
+    scores: np.ndarray, group_ids: np.ndarray, *, normalize_std: bool, eps: float = EPS
 ) -> np.ndarray:
     """Episode relative advantage ``A_E`` (Eq. 3), statistics over all step samples of a group.
 
@@ -209,7 +217,7 @@ def check_similarity_threshold(threshold: float | None) -> None:
 
 
 def step_advantages(
-    returns: np.ndarray, step_codes: np.ndarray, *, normalize_std: bool, eps: float = 1e-6
+    returns: np.ndarray, step_codes: np.ndarray, *, normalize_std: bool, eps: float = EPS
 ) -> np.ndarray:
     """Step relative advantage ``A_S`` (Eq. 7) within each anchor group.
 

@@ -13,10 +13,13 @@ Conventions (shared with :mod:`protocols.gigpo`, and those of verl's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+EPS: Final = 1e-6
+"""Added to every std before dividing (verl's ``epsilon``)."""
 
 SingletonMean = Literal["zero", "self"]
 """Mean given to a group of one entry: ``"zero"`` (GRPO, GiGPO episode level) or ``"self"`` (GiGPO
@@ -28,7 +31,7 @@ def grpo_advantages(
     group_ids: ArrayLike,
     *,
     normalize_std: bool = True,
-    eps: float = 1e-6,
+    eps: float = EPS,
 ) -> np.ndarray:
     """GRPO (``normalize_std=True``) or Dr.GRPO (``False``) advantage of each sample.
 

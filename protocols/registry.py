@@ -14,14 +14,18 @@ from typing import Any, Final
 import numpy as np
 
 from protocols.gigpo import (
+    GAMMA,
+    INVALID_PENALTY,
+    MODE,
     MODES,
+    STEP_WEIGHT,
     Mode,
     anchor_groups,
     check_similarity_threshold,
     episode_scores,
     gigpo_advantages,
 )
-from protocols.grpo import grpo_advantages
+from protocols.grpo import EPS, grpo_advantages
 
 ZERO_TOLERANCE = 1e-8
 """``|A| <= ZERO_TOLERANCE`` counts as a zero advantage in ``adv/zero_frac``."""
@@ -136,18 +140,18 @@ class ProtocolConfig:
 
     name: str = "gigpo"
     """Registered protocol name: ``"grpo"``, ``"dr_grpo"``, ``"gigpo"`` or a plugin's."""
-    gamma: float = 0.95
+    gamma: float = GAMMA
     """GiGPO discount of the step return (Eq. 5); unused by the GRPO family."""
-    step_weight: float = 1.0
+    step_weight: float = STEP_WEIGHT
     """GiGPO ``ω``, weight of the step advantage (Eq. 8)."""
-    mode: Mode = "mean_norm"
+    mode: Mode = MODE
     """GiGPO normalisation: ``"mean_norm"`` or ``"mean_std_norm"``."""
-    invalid_penalty: float = 0.1
+    invalid_penalty: float = INVALID_PENALTY
     """Subtracted from the score (and GiGPO step return) of each invalid step; 0 disables it."""
     normalize_std: bool | None = None
     """GRPO family: divide by the group std; None takes the protocol's own (grpo True, dr_grpo
     False). Setting it against the protocol (dr_grpo with True) is an error."""
-    eps: float = 1e-6
+    eps: float = EPS
     """Added to every std before dividing."""
     similarity_threshold: float | None = None
     """GiGPO step groups: None groups equal anchors; τ in (0, 1) groups similar text anchors

@@ -39,10 +39,11 @@ import gymnasium as gym
 import envs
 from envs.base import InfoKeys
 from envs.prefix import ExpertPrefix
+from protocols.registry import CUT_INFO_KEY
 
-WORKER_FAILED: Final = "worker_failed"
-"""Info key set to ``True`` on the step result of an episode lost with its Ray actor (the
-protocols read it as ``protocols.registry.CUT_INFO_KEY``)."""
+WORKER_FAILED: Final = CUT_INFO_KEY
+"""Info key set to ``True`` on the step result of an episode lost with its Ray actor: the key the
+protocols read to cut its group (one spelling, ``protocols.registry``)."""
 
 DEFAULT_STEP_TIMEOUT_S: Final = 600.0
 """Default longest wait for one actor's answer to a ``reset``/``step`` call (generous: an

@@ -454,6 +454,7 @@ _COMMAND: Final = re.compile(r"\\[a-zA-Z]+")
 _TEXT_ARG: Final = re.compile(
     r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}"
 )
+_ENVIRONMENT: Final = re.compile(r"\\(?:begin|end)\s*\{[^{}]*\}")  # \begin{pmatrix}
 _WORD: Final = re.compile(r"[a-zA-Z]{4,}")
 FUNCTION_NAMES: Final = frozenset(
     {"sqrt", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "frac", "infty", "cbrt"}
@@ -470,7 +471,8 @@ def prose_words(answer: str, *, in_text: bool = False) -> list[str]:
     none is :data:`UNPARSABLE` (:func:`not_an_answer`). One- to three-letter names (variables,
     ``sin``, ``log``) and :data:`FUNCTION_NAMES` pass.
     """
-    bare = _COMMAND.sub(" ", answer if in_text else _TEXT_ARG.sub(" ", answer))
+    bare = _ENVIRONMENT.sub(" ", answer if in_text else _TEXT_ARG.sub(" ", answer))
+    bare = _COMMAND.sub(" ", bare)
     return [w for w in _WORD.findall(bare) if w.lower() not in FUNCTION_NAMES]
 
 

@@ -197,6 +197,7 @@ def test_references_are_parsed_once_and_an_unparsable_one_is_not_kept():
         ("\\sqrt{3} + \\frac{x}{2}", ["5"], "not_equal"),  # commands are not words
         ("sqrt(2) + abc", ["5"], "not_equal"),  # a function name, a short variable
         ("12 \\text{ cm}", ["5"], "not_equal"),  # a unit in text
+        ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", ["5"], "not_equal"),  # an environment's name
     ],
 )
 def test_words_are_not_an_expression_but_a_matching_text_answer_is_correct(

@@ -29,6 +29,7 @@ from pathlib import Path
 from statistics import mean
 
 from agents.evaluation.baselines import RULE_BASELINES
+from agents.evaluation.report import Report, load_report
 from bench.learning_curve import interval
 
 RECIPE = "experiment=alfworld_whole_cpu"
@@ -107,20 +108,17 @@ def share_before(source: Path, run_dir: Path) -> None:
         shutil.copyfile(path, target)
 
 
-def reports(run_dir: Path, stage: str = "") -> dict[int, dict]:
+def reports(run_dir: Path, stage: str = "") -> dict[int, Report]:
     """The run's whole-game reports (``stage``: e.g. ``stage-k1``) by iteration."""
     folder = run_dir / "eval" / stage if stage else run_dir / "eval"
-    out = {}
-    for path in sorted(folder.glob("iter-*.json")):
-        report = json.loads(path.read_text())
-        out[int(report["iteration"])] = report
-    return out
+    history = (load_report(path) for path in sorted(folder.glob("iter-*.json")))
+    return {int(r.iteration): r for r in history if r.iteration is not None}
 
 
-def rates(report: dict) -> dict[str, float]:
+def rates(report: Report) -> dict[str, float]:
     """Overall and per-subtask success of one report."""
-    out = {s["name"]: s["rate"] for s in report["scores"] if s["episodes"]}
-    return {"overall": report["overall"]["rate"], **out}
+    out = {s.name: s.rate for s in report.scores if s.episodes}
+    return {"overall": report.overall.rate, **out}
 
 
 def split(run_dir: Path) -> dict[str, float]:
@@ -194,7 +192,7 @@ def pct(values: list[float]) -> str:
     return f"{100 * m:.1f}% ({100 * lo:.1f}–{100 * hi:.1f}%)"
 
 
-def variant_table(finals: dict[str, list[dict[str, float]]], baselines: dict[str, dict]) -> str:
+def variant_table(finals: dict[str, list[dict[str, float]]], baselines: dict[str, Report]) -> str:
     head = "| variant | seeds | overall (mean, 95% CI) | " + " | ".join(SUBTASKS) + " |"
     lines = [head, "|---" * (len(SUBTASKS) + 3) + "|"]
     for name, runs in finals.items():
@@ -352,12 +350,12 @@ def page(
         finals.setdefault(run[0], []).append(rates(history[max(history)]))
     first = dirs[runs[0]]
     baselines = {
-        name: json.loads(path.read_text())
+        name: load_report(path)
         for name in RULE_BASELINES
         if (path := first / "eval" / "baselines" / f"{name.replace(' ', '_')}-full.json").is_file()
     }
     recipe_history = reports(first)
-    budget = recipe_history[max(recipe_history)].get("turn_budget")
+    budget = recipe_history[max(recipe_history)].turn_budget
     lines = [
         "# Whole ALFWorld games on a CPU: the recipe and its levers",
         "",
@@ -398,7 +396,7 @@ def page(
     return "\n".join(lines) + "\n"
 
 
-def subtask_table(history: dict[int, dict]) -> str:
+def subtask_table(history: dict[int, Report]) -> str:
     cols = ["overall", *SUBTASKS]
     lines = ["| iteration | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for it, report in sorted(history.items()):

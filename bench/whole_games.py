@@ -92,12 +92,15 @@ def train(run_dir: Path, overrides: list[str], seed: int, *, before: bool, recip
     (run_dir / TIMES).write_text(json.dumps({"wall_s": time.perf_counter() - t0, "cmd": cmd}))
 
 
+def planned(run_dir: Path) -> int:
+    """The run's ``trainer.iterations``."""
+    return int(json.loads((run_dir / "run_config.json").read_text())["trainer"]["iterations"])
+
+
 def finished(run_dir: Path) -> bool:
-    saved = run_dir / "run_config.json"
-    if not saved.is_file():
+    if not (run_dir / "run_config.json").is_file():
         return False
-    last = int(json.loads(saved.read_text())["trainer"]["iterations"])
-    return (run_dir / "eval" / f"iter-{last:06d}.json").is_file()
+    return (run_dir / "eval" / f"iter-{planned(run_dir):06d}.json").is_file()
 
 
 def share_before(source: Path, run_dir: Path) -> None:
@@ -138,13 +141,13 @@ def split(run_dir: Path) -> dict[str, float]:
     wall = float(times.get("wall_s", last - (run_dir / "run_config.json").stat().st_mtime))
     out["evaluation and start-up"] = wall - sum(out.values())
     out["wall"] = wall
-    planned = int(json.loads((run_dir / "run_config.json").read_text())["trainer"]["iterations"])
-    quarter = [r for r in rows if r["iteration"] >= planned - planned // 4]
+    total = planned(run_dir)
+    quarter = [r for r in rows if r["iteration"] >= total - total // 4]
     out["guided, last quarter"] = (
         sum(r.get("rollout/guided", 0.0) for r in quarter) if quarter else math.nan
     )  # nan: the run stopped before its last quarter
     out["iterations"] = len(rows)
-    out["of"] = planned
+    out["of"] = total
     return out
 
 
@@ -344,10 +347,11 @@ def page(
         return default_section(default_dirs)
     curves: dict[str, list[dict[int, float]]] = {}
     finals: dict[str, list[dict[str, float]]] = {}
-    for run in runs:
-        history = reports(dirs[run])
+    histories = {run: reports(dirs[run]) for run in runs}
+    common = min(max(h) for h in histories.values())  # the last iteration every run reached
+    for run, history in histories.items():
         curves.setdefault(run[0], []).append({i: rates(r)["overall"] for i, r in history.items()})
-        finals.setdefault(run[0], []).append(rates(history[max(history)]))
+        finals.setdefault(run[0], []).append(rates(history[max(i for i in history if i <= common)]))
     first = dirs[runs[0]]
     baselines = {
         name: load_report(path)
@@ -362,8 +366,9 @@ def page(
         f"Written by `python -m bench.whole_games {' '.join(sys.argv[1:])}`. Every run is "
         f"`python -m agents.train {RECIPE}` (SmolLM2-135M-Instruct from its released weights) "
         "with one lever removed; held-out success on the 30 `embedded_heldout` games, greedy, "
-        f"whole games with a turn budget of {budget} (the env's step limit), at the last "
-        f"iteration; {len(set(s for _, s in runs))} seed(s) per variant, 95 % t intervals over "
+        f"whole games with a turn budget of {budget} (the env's step limit), at iteration "
+        f"{common}, the last every run reached (of {planned(first)}); "
+        f"{len(set(s for _, s in runs))} seed(s) per variant, 95 % t intervals over "
         "seeds where there are several. Baselines: random admissible commands and the best "
         "single-verb rule on the same games and budget.",
         "",

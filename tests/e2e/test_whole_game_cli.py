@@ -57,6 +57,7 @@ def test_the_lever_benchmark_runs_each_variant_and_writes_its_page(
     assert "| recipe | 1 |" in page and "| no warm start | 1 |" in page
     assert "| random baseline |" in page and "| verb rule baseline |" in page
     assert "| variant | it 0 | it 2 | it 4 |" in page  # points between the curve's ends
+    assert "at iteration 4, the last every run reached (of 4)" in page  # runs compared alike
     assert (out / "results_whole_games_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "no_warm_start-seed0" / "warm_start.json").exists()
     # iteration 0 is evaluated once and shared; the other run trains with no evaluation before

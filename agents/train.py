@@ -81,14 +81,13 @@ def train(cfg: RunConfig) -> Path:
                 if main:
                     (cfg.run_dir / WARM_START_FILE).write_text(json.dumps(warm, indent=2))
                     log.info("warm start: %s", _warm_summary(warm))
-            saved, last_p = start, learner.p_at(max(start - 1, 0))  # the newest checkpoint's
+            saved = start  # iterations the newest checkpoint holds
             for it in _progress(range(start, cfg.trainer.iterations), cfg, enabled=main):
                 try:
                     result = run_iteration(cfg, rt, learner, it, sampler)
                 except EnvWorkerError as exc:  # no env of a reset left: keep what was learned
-                    _save_before_stop(cfg, rt, learner, it, saved, last_p, sampler, exc)
+                    _save_before_stop(cfg, rt, learner, it, saved, sampler, exc)
                     raise
-                last_p = result.p
                 if _due(it, cfg.trainer.eval_every, cfg.trainer.iterations):
                     result.metrics.update(_evaluate(cfg, rt, it + 1))
                 writer.write(it, result.metrics)
@@ -349,7 +348,6 @@ def _save_before_stop(
     learner: Learner,
     it: int,
     saved: int,
-    p: float,
     sampler: TaskSampler,
     exc: EnvWorkerError,
 ) -> None:
@@ -362,7 +360,7 @@ def _save_before_stop(
     if it == saved or rt.ctx.world_size > 1:
         exc.add_note(f"the newest checkpoint holds iteration {saved}; resume=true continues there")
         return
-    _save(cfg, rt, learner, it - 1, p, sampler)
+    _save(cfg, rt, learner, it - 1, learner.p_at(it - 1), sampler)  # the p that update used
     log.error("iteration %d stopped (env workers); iteration %d is checkpointed", it + 1, it)
     exc.add_note(f"iteration {it} was checkpointed before stopping; resume=true continues there")
 

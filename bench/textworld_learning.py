@@ -20,8 +20,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import envs
+from agents.evaluation.baselines import ExpertActor
+from agents.evaluation.episodes import run_episodes
 from agents.evaluation.report import Report, load_report
+from agents.rollout.env_pool import EnvFactory, SerialEnvPool
 from bench.whole_games import split, train
 
 RUN = ["env=textworld", "experiment=textworld_cooking_cpu"]
@@ -46,20 +48,17 @@ def run_kwargs(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def expert_wins(kwargs: dict[str, Any]) -> tuple[int, int]:
-    """(games the expert wins, games) over every task of the env built with ``kwargs``."""
-    with closing(envs.make("textworld", **kwargs)) as env:
-        games = env.unwrapped.num_tasks  # one per (level, generation seed)
-        won = sum(_expert_plays(env, seed) for seed in range(games))
-    return won, games
-
-
-def _expert_plays(env: Any, seed: int) -> bool:
-    _, info = env.reset(seed=seed)
-    for _ in range(env.unwrapped.max_steps):
-        _, _, done, truncated, info = env.step(info["expert_plan"][0])
-        if done or truncated:
-            break
-    return bool(info["won"])
+    """(games the expert wins, games) over every task of the env built with ``kwargs``, played
+    as ``agents.evaluate policy=expert`` plays them (:class:`ExpertActor`, :func:`run_episodes`)."""
+    factory = EnvFactory("textworld", kwargs)
+    with closing(factory()) as env:
+        games, turns = env.unwrapped.num_tasks, env.unwrapped.max_steps  # one per (level, seed)
+    pool = SerialEnvPool(factory, 1)
+    try:
+        results = run_episodes(ExpertActor(), pool, range(games), max_turns=turns)
+    finally:
+        pool.close()
+    return sum(r.success for r in results), games
 
 
 def stages(run_dir: Path) -> Iterator[tuple[str, Path]]:
@@ -97,9 +96,15 @@ def table(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def page(run_dir: Path, experts: dict[str, tuple[int, int]], command: str) -> str:
+def page(
+    run_dir: Path,
+    kwargs: dict[str, Any],
+    eval_kwargs: dict[str, Any],
+    experts: dict[str, tuple[int, int]],
+    command: str,
+) -> str:
+    """The results page: the setting (the run's env kwargs), the expert's wins, the table."""
     times = split(run_dir)
-    kwargs, eval_kwargs = run_kwargs(run_dir)
     expert = "; ".join(f"{split_}: {w} of {n}" for split_, (w, n) in experts.items())
     parts = [
         "# TextWorld on a CPU: one learning run\n",
@@ -132,7 +137,7 @@ def main() -> None:
     kwargs, eval_kwargs = run_kwargs(run_dir)
     experts = {"training": expert_wins(kwargs), "held-out": expert_wins(eval_kwargs)}
     command = "python -m bench.textworld_learning" + (" --docs" if args.docs else "")
-    text = page(run_dir, experts, command)
+    text = page(run_dir, kwargs, eval_kwargs, experts, command)
     (args.out / "results.md").write_text(text)
     print(text)
     if args.docs and not args.quick:

@@ -19,8 +19,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from agents.types import collate
 from holderpo.correction import RolloutCorrection
 from protocols import StepSamples, compute_advantages
 from tests.conftest import REPO_ROOT
+from tests.e2e.test_train_cli import _call
 
 pytestmark = [
     pytest.mark.vllm,
@@ -98,14 +97,7 @@ def test_train_cli_runs_two_iterations_with_the_vllm_backend(tiny_h32: Path, tmp
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "agents.train", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _call("agents.train", args, env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"agents.train failed:\n{out[-6000:]}"
     assert "iter 2/2" in out

@@ -59,8 +59,11 @@ def _env(cache: Path, extra_path: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _run(module: str, args: list[str], env: dict[str, str], timeout: int = 420) -> str:
-    proc = subprocess.run(
+def _call(
+    module: str, args: list[str], env: dict[str, str], timeout: int = 420
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` from the repository root; its exit status and output."""
+    return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
         env=env,
@@ -68,6 +71,10 @@ def _run(module: str, args: list[str], env: dict[str, str], timeout: int = 420) 
         text=True,
         timeout=timeout,
     )
+
+
+def _run(module: str, args: list[str], env: dict[str, str], timeout: int = 420) -> str:
+    proc = _call(module, args, env, timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr
 

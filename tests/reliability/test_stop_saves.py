@@ -12,15 +12,12 @@ real ``python -m agents.train`` CLI.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agents.generation.models import load_policy_model
-from tests.conftest import REPO_ROOT
-from tests.e2e.test_train_cli import TINY, _env, _run
+from tests.e2e.test_train_cli import TINY, _call, _env, _run
 from tests.envs.plugin_fixture import write_plugin
 
 pytestmark = pytest.mark.slow
@@ -80,14 +77,7 @@ def test_a_run_stopped_by_its_env_workers_saves_its_iterations_and_resumes(tmp_p
         f"run_dir={run_dir}",
     ]
     env = _env(cache, plugin.root)
-    stopped = subprocess.run(
-        [sys.executable, "-m", "agents.train", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    stopped = _call("agents.train", args, env, timeout=600)
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode != 0 and "EnvWorkerError" in out, out[-3000:]
     assert "iteration 1 was checkpointed before stopping; resume=true continues there" in out

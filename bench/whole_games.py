@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "recipe": [],
     "no warm start": ["trainer.bc_epochs=0"],
     "no guidance": ["rollout.guided=0"],
+    "RL at lr 5e-5": ["trainer.lr=5e-5"],  # the RL updates at the warm start's (the default's) rate
     "GRPO advantages": ["protocol=grpo"],
     "constant p = 1": [
         "algorithm.p_schedule.schedule=constant",
